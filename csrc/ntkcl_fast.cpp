@@ -1,0 +1,33 @@
+// Every ntkcl_fast:: op schema, in one place. Kernels live in cpu/<family>.cpp and
+// cuda/<family>.cu; fake kernels (for torch.compile) are registered from Python.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef NTKCL_CUDA_ARCHS
+#define NTKCL_CUDA_ARCHS ""
+#endif
+#ifndef NTKCL_BUILT_WITH_TORCH
+#define NTKCL_BUILT_WITH_TORCH ""
+#endif
+
+TORCH_LIBRARY(ntkcl_fast, m) {
+  // ema[i] <- ema[i] + (1 - d_i) * (src[i] - ema[i]) over floating pairs, d_i = decay[i], or the
+  // value of the 0-d decay_tensor for every pair when it is given (decay is then ignored).
+  m.def("ema_update_(Tensor(a!)[] ema, Tensor[] src, float[] decay, Tensor? decay_tensor) -> ()");
+}
+
+// A plain Python module, so `import ntkcl_fast._C` loads the library and runs the
+// registrations above; it also carries the build facts `python -m ntkcl_fast info` prints.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "ntkcl_fast compiled ops", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef NTKCL_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(module, "cuda_archs", NTKCL_CUDA_ARCHS);
+  PyModule_AddStringConstant(module, "built_with_torch", NTKCL_BUILT_WITH_TORCH);
+  return module;
+}

@@ -1,0 +1,136 @@
+"""Which backends exist on this machine, and which one an op runs on.
+
+The compiled extension is optional: when it is missing (or was built without CUDA)
+the package still works through the reference backend, and every function here can
+say why a faster backend is not there.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+
+try:  # the extension registers the ntkcl_fast:: ops as a side effect of the import
+    _C = importlib.import_module("ntkcl_fast._C")
+    _C_ERROR = None
+except ImportError as exc:  # pragma: no cover - exercised only on installs without a build
+    _C = None
+    _C_ERROR = f"{exc}"
+
+# backend="auto" order per device type, fastest first. CPU: bench/results/cpu.json (the
+# compiled CPU kernels beat the reference on every row). CUDA: the compiled kernels are
+# preferred over Triton because they run mixed dtypes in one launch and read the decay from
+# device memory; the GPU rows of bench/results/ are the place to revisit this order.
+AUTO_ORDER = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
+}
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"ntkcl_fast::{op}", dispatch_key)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); `pip install triton`"
+    return None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device_type: str, op: str = "ema_update_") -> str | None:
+    """None when `backend` can run `op` on tensors of `device_type`, else why not and how to fix."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got {device_type} tensors"
+        if _C is None:
+            return f"the compiled extension ntkcl_fast._C is not importable ({_C_ERROR}); reinstall with `pip install --no-build-isolation .`"
+        return None if _has_kernel(op, "CPU") else f"ntkcl_fast._C has no CPU kernel for {op}"
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got {device_type} tensors"
+        if _C is None:
+            return f"the compiled extension ntkcl_fast._C is not importable ({_C_ERROR}); reinstall with `pip install --no-build-isolation .`"
+        if not _has_kernel(op, "CUDA"):
+            return ("ntkcl_fast._C was built without CUDA kernels; rebuild with a CUDA build of torch "
+                    "and nvcc on PATH, or force it with NTKCL_FORCE_CUDA=1")
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and triton_interpret():
+            return None
+        return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device_type} tensors"
+    raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """The backend name to run `op` on for tensors on `device`."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if unavailable_reason(name, device.type, op) is None:
+                return name
+        return "torch"
+    reason = unavailable_reason(backend, device.type, op)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is not available: {reason}")
+    return backend
+
+
+def backends() -> dict[str, bool]:
+    """What can run on this machine: {'torch', 'cpu', 'cuda', 'triton'} -> bool."""
+    cuda_device = torch.cuda.is_available()
+    return {
+        "torch": True,
+        "cpu": unavailable_reason("cpu", "cpu") is None,
+        "cuda": cuda_device and unavailable_reason("cuda", "cuda") is None,
+        "triton": unavailable_reason("triton", "cuda" if cuda_device else "cpu") is None,
+    }
+
+
+def info() -> dict[str, object]:
+    """Build and runtime facts for `python -m ntkcl_fast info` and bug reports."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda_device = torch.cuda.is_available()
+    reasons = {
+        "cpu": unavailable_reason("cpu", "cpu"),
+        "cuda": unavailable_reason("cuda", "cuda") if cuda_device else
+        ("no CUDA device visible to torch" if _has_kernel("ema_update_", "CUDA")
+         else unavailable_reason("cuda", "cuda")),
+        "triton": unavailable_reason("triton", "cuda" if cuda_device else "cpu"),
+    }
+    return {
+        "backends": backends(),
+        "why_missing": {k: v for k, v in reasons.items() if v},
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "device": torch.cuda.get_device_name() if cuda_device else "cpu",
+        "extension": getattr(_C, "__file__", None),
+        "extension_built_with_cuda": bool(getattr(_C, "with_cuda", False)),
+        "extension_cuda_archs": getattr(_C, "cuda_archs", None),
+        "extension_torch": getattr(_C, "built_with_torch", None),
+    }

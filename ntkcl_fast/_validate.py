@@ -1,0 +1,92 @@
+"""Argument checks shared by every op: each error names the argument (and list index)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor_list(value, name: str) -> list[torch.Tensor]:
+    """A single Tensor or a sequence of tensors, as a list."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a Tensor or a sequence of tensors, got {type(value).__name__}")
+    out = list(value)
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a Tensor, got {type(t).__name__}")
+    return out
+
+
+def same_length(a: list, a_name: str, b: list, b_name: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{a_name} and {b_name} must have the same length, got {len(a)} and {len(b)}")
+
+
+def same_shapes(a: list[torch.Tensor], a_name: str, b: list[torch.Tensor], b_name: str) -> None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape:
+            raise ValueError(f"{a_name}[{i}] and {b_name}[{i}] must have the same shape, "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
+
+
+def one_device(named_lists: Sequence[tuple[str, list[torch.Tensor]]]) -> torch.device | None:
+    """The device every tensor lives on (None for no tensors); ValueError naming the first stray."""
+    device = None
+    first = None
+    for name, tensors in named_lists:
+        for i, t in enumerate(tensors):
+            if device is None:
+                device, first = t.device, f"{name}[{i}]"
+            elif t.device != device:
+                raise ValueError(f"all tensors must be on one device: {name}[{i}] is on {t.device}, "
+                                 f"{first} is on {device}")
+    return device
+
+
+def unit_interval(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    start = end = t.data_ptr()
+    size = t.element_size()
+    for n, s in zip(t.shape, t.stride()):
+        if s < 0:
+            start += (n - 1) * s * size
+        else:
+            end += (n - 1) * s * size
+    return start, end + size
+
+
+def no_overlap(written: list[torch.Tensor], w_name: str, read: list[torch.Tensor], r_name: str) -> None:
+    """ValueError when a written tensor shares memory with any other written or read tensor.
+
+    Read tensors may overlap each other. Sorting the byte ranges makes this O(n log n), so it
+    stays cheap for model-sized lists.
+    """
+    spans = []
+    for name, tensors, is_written in ((w_name, written, True), (r_name, read, False)):
+        for i, t in enumerate(tensors):
+            if t.numel():
+                lo, hi = _byte_range(t)
+                spans.append((lo, hi, is_written, f"{name}[{i}]"))
+    spans.sort(key=lambda s: s[0])
+    end_any = end_written = -1
+    last_any = last_written = ""
+    for lo, hi, is_written, label in spans:
+        other = last_any if is_written and lo < end_any else (last_written if lo < end_written else None)
+        if other:
+            raise ValueError(f"{label} shares memory with {other}; in-place outputs must not alias any input")
+        if hi > end_any:
+            end_any, last_any = hi, label
+        if is_written and hi > end_written:
+            end_written, last_written = hi, label

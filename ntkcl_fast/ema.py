@@ -1,0 +1,195 @@
+"""EMA / parameter averaging: `ema_update_`, `ModelEMA` (timm ModelEmaV3 drop-in), `ema_multi_avg_fn`."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from . import _backend, _validate
+from .reference import ema as reference
+
+if _backend._C is not None:
+    @torch.library.register_fake("ntkcl_fast::ema_update_")
+    def _ema_update_fake(ema, src, decay, decay_tensor):
+        return None
+
+
+def _decay_args(decay, n: int, device: torch.device | None) -> tuple[list[float], torch.Tensor | None]:
+    """(per-pair floats, None) or ([], 0-d tensor)."""
+    if isinstance(decay, torch.Tensor):
+        if decay.dim() != 0:
+            raise ValueError(f"decay must be a 0-d tensor, got shape {tuple(decay.shape)}")
+        if decay.dtype not in _validate.FLOATING:
+            raise TypeError(f"decay must be a floating tensor, got {decay.dtype}")
+        if device is not None and decay.device != device:
+            raise ValueError(f"decay must be on the tensors' device {device}, got {decay.device}")
+        if decay.device.type == "cpu":  # a CUDA decay is read on device: checking it would sync
+            _validate.unit_interval(decay.item(), "decay")
+        return [], decay.detach()
+    if isinstance(decay, Sequence):
+        if len(decay) != n:
+            raise ValueError(f"decay must have one value per pair ({n}), got {len(decay)}")
+        return [_validate.unit_interval(d, f"decay[{i}]") for i, d in enumerate(decay)], None
+    return [_validate.unit_interval(decay, "decay")] * n, None
+
+
+def _run(backend: str, ema: list[torch.Tensor], src: list[torch.Tensor],
+         decays: list[float], decay_t: torch.Tensor | None) -> None:
+    if backend == "torch":
+        reference.ema_update_(ema, src, decay_t if decay_t is not None else decays)
+        return
+    # the kernels take dense tensors; strided ones go through a contiguous copy
+    ema_work = [e if e.is_contiguous() else e.contiguous() for e in ema]
+    src_work = [s.contiguous() for s in src]
+    if backend == "triton":
+        from .triton.ema import ema_update_ as triton_ema_update_
+        triton_ema_update_(ema_work, src_work, decays, decay_t)
+    else:
+        torch.ops.ntkcl_fast.ema_update_(ema_work, src_work, decays, decay_t)
+    for e, w in zip(ema, ema_work):
+        if w is not e:
+            e.copy_(w)
+
+
+@torch.no_grad()
+def ema_update_(ema, src, decay, *, backend: str = "auto") -> None:
+    """In place `ema[i] <- ema[i] + (1 - d_i) * (src[i] - ema[i])` for every pair, in one fused call.
+
+    Non-floating pairs (int/bool buffers) are copied. `decay` is a float, one float per pair, or
+    a 0-d floating tensor on the tensors' device (read on device, so CUDA graphs can capture
+    the call; a CUDA decay tensor is not range-checked, since that would need a host sync).
+    """
+    ema = _validate.tensor_list(ema, "ema")
+    src = _validate.tensor_list(src, "src")
+    _validate.same_length(ema, "ema", src, "src")
+    _validate.same_shapes(ema, "ema", src, "src")
+    device = _validate.one_device([("ema", ema), ("src", src)])
+    floating, other = [], []
+    for i, (e, s) in enumerate(zip(ema, src)):
+        if e.is_floating_point() != s.is_floating_point():
+            raise TypeError(f"ema[{i}] ({e.dtype}) and src[{i}] ({s.dtype}) must both be floating or both not")
+        if e.is_floating_point():
+            for name, t in (("ema", e), ("src", s)):
+                if t.dtype not in _validate.FLOATING:
+                    raise TypeError(f"{name}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+            floating.append(i)
+        elif e.is_complex() or s.is_complex():
+            raise TypeError(f"ema[{i}]/src[{i}] are complex, which EMA does not support")
+        else:
+            other.append(i)
+    decays, decay_t = _decay_args(decay, len(ema), device)
+    _validate.no_overlap(ema, "ema", src, "src")
+    name = _backend.resolve(backend, device or torch.device("cpu"), "ema_update_")
+    if floating:
+        _run(name, [ema[i] for i in floating], [src[i] for i in floating],
+             [decays[i] for i in floating] if decay_t is None else [], decay_t)
+    for i in other:
+        ema[i].copy_(src[i])
+
+
+def ema_multi_avg_fn(decay: float = 0.999):
+    """`AveragedModel(model, multi_avg_fn=ema_multi_avg_fn(0.999))`: torch's `get_ema_multi_avg_fn`, fused."""
+    decay = _validate.unit_interval(decay, "decay")
+
+    @torch.no_grad()
+    def ema_update(ema_param_list, current_param_list, _num_averaged):
+        floating = [i for i, p in enumerate(ema_param_list) if p.is_floating_point()]
+        ema_update_([ema_param_list[i] for i in floating], [current_param_list[i] for i in floating], decay)
+        for p_ema, p_model in zip(ema_param_list, current_param_list):
+            if not p_ema.is_floating_point():  # torch's own formula for integer buffers
+                p_ema.copy_(p_ema * decay + p_model * (1 - decay))
+
+    return ema_update
+
+
+class ModelEMA(torch.nn.Module):
+    """Exponential moving average of a model's weights; a drop-in for timm's `ModelEmaV3`.
+
+    Adds `dtype` (e.g. an fp32 average of a bf16 model) and NTK-CL's `task_mean_decay`.
+    Every update is one fused `ema_update_` call per device.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, *, min_decay: float = 0.0,
+                 update_after_step: int = 0, use_warmup: bool = False, warmup_gamma: float = 1.0,
+                 warmup_power: float = 2 / 3, device=None, dtype: torch.dtype | None = None,
+                 exclude_buffers: bool = False, backend: str = "auto"):
+        super().__init__()
+        _validate.unit_interval(decay, "decay")
+        _validate.unit_interval(min_decay, "min_decay")
+        if dtype is not None and dtype not in _validate.FLOATING:
+            raise TypeError(f"dtype must be one of fp16, bf16, fp32, fp64, got {dtype}")
+        self.module = copy.deepcopy(model)
+        self.module.eval()
+        self.module.requires_grad_(False)
+        if device is not None or dtype is not None:
+            self.module.to(device=device, dtype=dtype)  # Module.to casts floating tensors only
+        self.decay = decay
+        self.min_decay = min_decay
+        self.update_after_step = update_after_step
+        self.use_warmup = use_warmup
+        self.warmup_gamma = warmup_gamma
+        self.warmup_power = warmup_power
+        self.device = device
+        self.exclude_buffers = exclude_buffers
+        self.backend = backend
+
+    @staticmethod
+    def task_mean_decay(task_index: int) -> float:
+        """NTK-CL's adaptive EMA: after task t the average is the mean of the t + 1 end-of-task weights."""
+        if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
+            raise ValueError(f"task_index must be an int >= 0, got {task_index!r}")
+        return task_index / (task_index + 1)
+
+    def get_decay(self, step: int | None = None) -> float:
+        if step is None:
+            return self.decay
+        step = max(0, step - self.update_after_step - 1)
+        if step <= 0:
+            return 0.0
+        if self.use_warmup:
+            decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
+            return max(min(decay, self.decay), self.min_decay)
+        return self.decay
+
+    def _pairs(self, model: torch.nn.Module):
+        """(ema, model) tensors in matching order: parameters, then buffers."""
+        ema_p = [p for _, p in self.module.named_parameters()]
+        model_p = [p.detach() for _, p in model.named_parameters()]
+        ema_b = [b for _, b in self.module.named_buffers()]
+        model_b = [b.detach() for _, b in model.named_buffers()]
+        if len(ema_p) != len(model_p) or len(ema_b) != len(model_b):
+            raise ValueError(f"model has {len(model_p)} parameters and {len(model_b)} buffers, "
+                             f"the EMA copy has {len(ema_p)} and {len(ema_b)}")
+        return ema_p, model_p, ema_b, model_b
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int | None = None, *, decay: float | None = None) -> None:
+        decay = self.get_decay(step) if decay is None else _validate.unit_interval(decay, "decay")
+        ema_p, model_p, ema_b, model_b = self._pairs(model)
+        if self.exclude_buffers:
+            ema_avg, src_avg = ema_p, model_p
+            ema_copy, src_copy = ema_b, model_b
+        else:
+            ema_avg = ema_p + [b for b in ema_b if b.is_floating_point()]
+            src_avg = model_p + [b for b, e in zip(model_b, ema_b) if e.is_floating_point()]
+            ema_copy = [b for b in ema_b if not b.is_floating_point()]
+            src_copy = [b for b, e in zip(model_b, ema_b) if not e.is_floating_point()]
+        by_device: dict[torch.device, tuple[list, list]] = {}
+        for e, s in zip(ema_avg, src_avg):
+            lists = by_device.setdefault(e.device, ([], []))
+            lists[0].append(e)
+            lists[1].append(s.to(e.device, non_blocking=True))
+        for ema_list, src_list in by_device.values():
+            ema_update_(ema_list, src_list, decay, backend=self.backend)
+        for e, s in zip(ema_copy, src_copy):
+            e.copy_(s.to(e.device))
+
+    @torch.no_grad()
+    def set(self, model: torch.nn.Module) -> None:
+        ema_p, model_p, ema_b, model_b = self._pairs(model)
+        for e, s in zip(ema_p + ema_b, model_p + model_b):
+            e.copy_(s.to(e.device))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations: the executable spec and the test oracle of every op."""
