@@ -112,8 +112,9 @@ def extensions():
     sources = [os.path.relpath(p, HERE) for p in
                sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
     macros = [("NTKCL_BUILT_WITH_TORCH", f'"{torch.__version__}"')]
+    # no -std flag: torch adds the standard its headers need (C++17 up to 2.9, C++20 after)
     # at::parallel_for is an inline OpenMP region (ATen/ParallelOpenMP.h): without -fopenmp it runs serially
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] + _cpu_isa_flags()
+    cxx = ["-O3", "-fopenmp"] + _cpu_isa_flags()
     link = ["-fopenmp"]
     if not with_cuda:
         return [CppExtension("ntkcl_fast._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},
@@ -122,7 +123,7 @@ def extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)  # keeps torch from probing a GPU for it
     sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))]
     macros += [("NTKCL_WITH_CUDA", None), ("NTKCL_CUDA_ARCHS", f'"{archs}"')]
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _gencode(archs)
+    nvcc = ["-O3", "-lineinfo"] + _gencode(archs)
     return [CUDAExtension("ntkcl_fast._C", sources, define_macros=macros, include_dirs=_pip_cuda_includes(),
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)]
 

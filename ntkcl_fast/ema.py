@@ -27,7 +27,7 @@ def _decay_args(decay, n: int, device: torch.device | None) -> tuple[list[float]
         if decay.device.type == "cpu":  # a CUDA decay is read on device: checking it would sync
             _validate.unit_interval(decay.item(), "decay")
         return [], decay.detach()
-    if isinstance(decay, Sequence):
+    if isinstance(decay, Sequence) and not isinstance(decay, (str, bytes)):
         if len(decay) != n:
             raise ValueError(f"decay must have one value per pair ({n}), got {len(decay)}")
         return [_validate.unit_interval(d, f"decay[{i}]") for i, d in enumerate(decay)], None

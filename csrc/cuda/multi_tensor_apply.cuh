@@ -1,0 +1,124 @@
+// One kernel launch for a whole list of tensors, in the style of apex/ATen multi_tensor_apply.
+//
+// The host packs every tensor's pointers, length, dtype codes and one per-tensor scalar into a
+// table passed by value as a kernel parameter (__grid_constant__, so it is read in place from
+// parameter memory, never copied to local memory). Each block owns one chunk of one tensor and
+// finds its tensor by binary search over the chunk prefix sums, so there is no per-block
+// table and nothing to copy host-to-device: the launch is CUDA-graph capturable.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+namespace ntkcl_fast {
+namespace mta {
+
+// CUDA 12.1+ allows 32 KB of kernel parameters (Volta and newer), earlier toolkits 4 KB.
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr int kMaxTensors = 384;
+#else
+constexpr int kMaxTensors = 72;
+#endif
+constexpr int64_t kChunk = 16384;  // elements per block, a multiple of every vector width
+constexpr int kBlock = 256;
+
+enum DType : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+inline DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    case at::kDouble: return kF64;
+    default: TORCH_CHECK(false, "multi_tensor_apply: unsupported dtype ", t);
+  }
+}
+
+template <int Depth, typename Scalar>
+struct Table {
+  void* ptr[Depth][kMaxTensors];
+  int64_t numel[kMaxTensors];
+  Scalar scalar[kMaxTensors];
+  int32_t first_chunk[kMaxTensors + 1];  // tensor t owns blocks [first_chunk[t], first_chunk[t + 1])
+  uint8_t dtype[Depth][kMaxTensors];
+  int32_t count;
+};
+
+template <int Depth, typename Scalar>
+__device__ __forceinline__ int tensor_of_block(const Table<Depth, Scalar>& table, int32_t block) {
+  int lo = 0, hi = table.count - 1;  // last t with first_chunk[t] <= block
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (table.first_chunk[mid] <= block) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <int Depth, typename Scalar, typename Functor>
+__global__ void __launch_bounds__(kBlock) multi_tensor_kernel(const __grid_constant__ Table<Depth, Scalar> table,
+                                                              Functor functor) {
+  const int32_t block = static_cast<int32_t>(blockIdx.x);
+  const int t = tensor_of_block(table, block);
+  const int64_t begin = static_cast<int64_t>(block - table.first_chunk[t]) * kChunk;
+  const int64_t end = begin + kChunk < table.numel[t] ? begin + kChunk : table.numel[t];
+  functor(table, t, begin, end);
+}
+
+// Launches `functor` over `lists` (Depth lists of equal length; list 0 is the one written).
+// Empty tensors are skipped; lists longer than one table take one launch per table.
+template <int Depth, typename Scalar, typename Functor>
+void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, const std::vector<Scalar>& scalars,
+                        const Functor& functor) {
+  const at::TensorList& first = lists[0];
+  if (first.empty()) return;
+  const c10::cuda::CUDAGuard guard(first[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Table<Depth, Scalar> table;
+  table.count = 0;
+  table.first_chunk[0] = 0;
+  auto launch = [&] {
+    if (table.count == 0) return;
+    multi_tensor_kernel<Depth, Scalar, Functor>
+        <<<table.first_chunk[table.count], kBlock, 0, stream>>>(table, functor);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    table.count = 0;
+  };
+  constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;
+  for (size_t i = 0; i < first.size(); ++i) {
+    const int64_t n = first[i].numel();
+    if (n == 0) continue;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    if (table.count == kMaxTensors || table.first_chunk[table.count] + chunks > kMaxBlocks) launch();
+    const int t = table.count;
+    for (int d = 0; d < Depth; ++d) {
+      table.ptr[d][t] = const_cast<void*>(lists[d][i].const_data_ptr());
+      table.dtype[d][t] = dtype_code(lists[d][i].scalar_type());
+    }
+    table.numel[t] = n;
+    table.scalar[t] = scalars.empty() ? Scalar(0) : scalars[i];
+    table.first_chunk[t + 1] = static_cast<int32_t>(table.first_chunk[t] + chunks);
+    table.count = t + 1;
+  }
+  launch();
+}
+
+// Eight elements per access: 16 bytes for 2-byte dtypes, 2 x 16 bytes for fp32, 4 x 16 for fp64.
+constexpr int kVec = 8;
+template <typename T>
+struct alignas(kVec * sizeof(T)) Pack {
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ bool pack_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
+}
+
+}  // namespace mta
+}  // namespace ntkcl_fast

@@ -1,0 +1,214 @@
+"""ema_update_ on every backend against the fp64 reference, bad inputs, opcheck."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+import ntkcl_fast
+from ntkcl_fast import _backend
+from ntkcl_fast.reference import ema as reference
+
+from ._helpers import assert_within_budget, device_backends, interpreted_triton
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+SIZES = [(1,), (3,), (1023,), (65537,), (17, 33), (2, 3, 5)]
+PAIRS = device_backends("ema_update_")
+
+
+def _oracle(ema, src, decays):
+    """fp64 copies through the reference."""
+    out = [e.double() for e in ema]
+    reference.ema_update_(out, [s.double() for s in src],
+                          decays.double() if isinstance(decays, torch.Tensor) else decays)
+    return out
+
+
+def _eager(ema, src, decays):
+    """What users write today (timm ModelEmaV3): lerp in the EMA's dtype."""
+    out = [e.clone() for e in ema]
+    for i, (e, s) in enumerate(zip(out, src)):
+        d = decays if isinstance(decays, torch.Tensor) else decays[i]
+        e.lerp_(s.to(e.dtype), (1 - d).to(e.dtype) if isinstance(d, torch.Tensor) else 1 - d)
+    return out
+
+
+def _check(ema, src, decays, device, backend):
+    want = _oracle(ema, src, decays)
+    eager = _eager(ema, src, decays)
+    got = [e.clone() for e in ema]
+    ntkcl_fast.ema_update_(got, src, decays, backend=backend)
+    extra = 1 if interpreted_triton(backend, device) else 0
+    for i, (g, w, e) in enumerate(zip(got, want, eager)):
+        assert g.dtype == ema[i].dtype and g.shape == ema[i].shape
+        assert_within_budget(g, w, e, extra_ulps=extra, what=f"pair {i} {ema[i].dtype}<-{src[i].dtype}")
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("ema_dtype,src_dtype", list(itertools.product(DTYPES, DTYPES)),
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_matches_reference_every_dtype_pair(device, backend, ema_dtype, src_dtype):
+    gen = torch.Generator().manual_seed(0)
+    ema = [torch.randn(s, generator=gen).to(device, ema_dtype) for s in SIZES]
+    src = [torch.randn(s, generator=gen).to(device, src_dtype) for s in SIZES]
+    _check(ema, src, [0.9, 0.0, 1.0, 0.999, 0.5, 0.25], device, backend)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("count", [1, 7, 300])
+def test_long_mixed_lists_one_call(device, backend, count):
+    rng = random.Random(count)
+    gen = torch.Generator().manual_seed(count)
+    ema, src, decays = [], [], []
+    for _ in range(count):
+        shape = rng.choice([(rng.randint(1, 40),), (rng.randint(1, 9), rng.randint(1, 70)), (0,)])
+        ema.append(torch.randn(shape, generator=gen).to(device, rng.choice(DTYPES)))
+        src.append(torch.randn(shape, generator=gen).to(device, rng.choice(DTYPES)))
+        decays.append(rng.random())
+    _check(ema, src, decays, device, backend)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("decay_dtype", [torch.float32, torch.float64])
+def test_decay_tensor_read_on_device(device, backend, decay_dtype):
+    gen = torch.Generator().manual_seed(1)
+    ema = [torch.randn(s, generator=gen).to(device) for s in SIZES]
+    src = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in SIZES]
+    _check(ema, src, torch.tensor(0.875, dtype=decay_dtype, device=device), device, backend)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_non_contiguous_inputs(device, backend):
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(33, 65, generator=gen).to(device)
+    ema = [base.t(), torch.randn(9, 20, generator=gen).to(device)[:, ::3]]
+    src = [torch.randn(65, 33, generator=gen).to(device, torch.bfloat16),
+           torch.randn(20, 9, generator=gen).to(device).t()[:, 1::3]]
+    want = _oracle(ema, src, [0.9, 0.3])
+    ntkcl_fast.ema_update_(ema, src, [0.9, 0.3], backend=backend)
+    for got, w in zip(ema, want):
+        torch.testing.assert_close(got.double(), w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(base.t().double(), want[0], rtol=1e-6, atol=1e-6)  # written through the view
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_empty_tensors_and_lists_are_no_ops(device, backend):
+    ntkcl_fast.ema_update_([], [], 0.5, backend=backend)
+    e = torch.empty(0, 4, device=device)
+    ntkcl_fast.ema_update_([e], [torch.empty(0, 4, device=device)], 0.5, backend=backend)
+    assert e.shape == (0, 4)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_non_floating_pairs_are_copied(device, backend):
+    ema = [torch.zeros(5, dtype=torch.int64, device=device), torch.zeros(3, device=device),
+           torch.zeros(2, dtype=torch.bool, device=device)]
+    src = [torch.arange(5, device=device), torch.ones(3, device=device), torch.ones(2, dtype=torch.bool, device=device)]
+    ntkcl_fast.ema_update_(ema, src, 0.75, backend=backend)
+    assert ema[0].tolist() == [0, 1, 2, 3, 4]
+    assert ema[1].tolist() == [0.25] * 3
+    assert ema[2].tolist() == [True, True]
+
+
+def test_single_tensors_are_accepted():
+    e, s = torch.zeros(4), torch.ones(4)
+    ntkcl_fast.ema_update_(e, s, 0.5)
+    assert e.tolist() == [0.5] * 4
+
+
+def test_no_autograd_history():
+    p = torch.nn.Parameter(torch.randn(4))
+    e = torch.zeros(4)
+    ntkcl_fast.ema_update_(e, p, 0.5)
+    assert e.grad_fn is None and not e.requires_grad
+
+
+def _bad_calls(device):
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device).to(dtype)
+    shared = t(8)
+    return [
+        (ValueError, "src", lambda: ([t(3), t(3)], [t(3)], 0.5)),
+        (ValueError, r"ema\[1\]", lambda: ([t(3), t(4)], [t(3), t(5)], 0.5)),
+        (TypeError, r"ema\[0\]", lambda: ([t(3)], [t(3).long()], 0.5)),
+        (TypeError, r"ema\[0\]", lambda: ([t(3, dtype=torch.complex64)], [t(3, dtype=torch.complex64)], 0.5)),
+        (ValueError, "decay", lambda: ([t(3)], [t(3)], 1.5)),
+        (ValueError, "decay", lambda: ([t(3)], [t(3)], float("nan"))),
+        (ValueError, r"decay\[1\]", lambda: ([t(3), t(3)], [t(3), t(3)], [0.5, -0.1])),
+        (ValueError, "decay", lambda: ([t(3), t(3)], [t(3), t(3)], [0.5])),
+        (ValueError, "decay", lambda: ([t(3)], [t(3)], torch.tensor([0.5, 0.5], device=device))),
+        (TypeError, "decay", lambda: ([t(3)], [t(3)], "0.5")),
+        (TypeError, r"src\[1\]", lambda: ([t(3), t(3)], [t(3), "x"], 0.5)),
+        (ValueError, r"src\[0\]", lambda: ([shared], [shared], 0.5)),
+        (ValueError, r"ema\[1\]", lambda: ([shared[:5], shared[4:]], [t(5), t(4)], 0.5)),
+        (ValueError, "backend", lambda: ([t(3)], [t(3)], 0.5, "fast")),
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize("case", range(len(_bad_calls("cpu"))))
+def test_bad_input_raises_before_writing(device, case):
+    error, names, make = _bad_calls(device)[case]
+    args = make()
+    ema = args[0]
+    before = [e.clone() for e in ema] if isinstance(ema, list) else []
+    with pytest.raises(error, match=names):
+        ntkcl_fast.ema_update_(*args[:3], backend=args[3] if len(args) > 3 else "auto")
+    for b, e in zip(before, ema):
+        assert torch.equal(b, e) or (b.isnan() == e.isnan()).all()
+
+
+def test_cpu_decay_tensor_out_of_range_raises():
+    e = torch.randn(3)
+    before = e.clone()
+    with pytest.raises(ValueError, match="decay"):
+        ntkcl_fast.ema_update_(e, torch.randn(3), torch.tensor(1.5))
+    assert torch.equal(e, before)
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        ntkcl_fast.ema_update_(torch.zeros(3), torch.ones(3), 0.5, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_mixed_devices_raise():
+    with pytest.raises(ValueError, match=r"src\[0\]"):
+        ntkcl_fast.ema_update_([torch.zeros(3, device="cuda")], [torch.ones(3)], 0.5)
+
+
+@pytest.mark.skipif(not ntkcl_fast.backends()["cuda"], reason="needs the CUDA kernels and a GPU")
+def test_cuda_graph_capture_reads_decay_on_device():
+    ema = [torch.zeros(1000, device="cuda"), torch.zeros(7, device="cuda", dtype=torch.bfloat16)]
+    src = [torch.ones(1000, device="cuda", dtype=torch.bfloat16), torch.ones(7, device="cuda")]
+    decay = torch.tensor(0.5, device="cuda")
+    ntkcl_fast.ema_update_(ema, src, decay, backend="cuda")  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ntkcl_fast.ema_update_(ema, src, decay, backend="cuda")
+    for e in ema:
+        e.zero_()
+    decay.fill_(0.75)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert ema[0].eq(0.25).all() and ema[1].eq(0.25).all()
+
+
+@pytest.mark.skipif(_backend._C is None, reason="extension not built")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not ntkcl_fast.backends()["cuda"], reason="needs the CUDA kernels and a GPU"))])
+def test_opcheck(device):
+    ema = [torch.randn(5, 3, device=device), torch.randn(17, device=device, dtype=torch.bfloat16)]
+    src = [torch.randn(5, 3, device=device, dtype=torch.float16), torch.randn(17, device=device)]
+    torch.library.opcheck(torch.ops.ntkcl_fast.ema_update_.default, (ema, src, [0.9, 0.5], None))
+    torch.library.opcheck(torch.ops.ntkcl_fast.ema_update_.default,
+                          (ema, src, [], torch.tensor(0.9, device=device)))
+
+
+def test_reference_is_the_formula():
+    e, s = torch.tensor([2.0], dtype=torch.float64), torch.tensor([10.0], dtype=torch.float64)
+    reference.ema_update_([e], [s], [0.75])
+    assert e.item() == 2.0 + 0.25 * 8.0
