@@ -111,7 +111,7 @@ def extensions():
     print(f"ntkcl_fast: CUDA kernels {'on' if with_cuda else 'off'} ({why})", flush=True)
     sources = [os.path.relpath(p, HERE) for p in
                sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
-    macros = [("NTKCL_BUILT_WITH_TORCH", f'"{torch.__version__}"')]
+    macros = [("NTKCL_PYTHON_MODULE", None), ("NTKCL_BUILT_WITH_TORCH", f'"{torch.__version__}"')]
     # no -std flag: torch adds the standard its headers need (C++17 up to 2.9, C++20 after)
     # at::parallel_for is an inline OpenMP region (ATen/ParallelOpenMP.h): without -fopenmp it runs serially
     cxx = ["-O3", "-fopenmp"] + _cpu_isa_flags()

@@ -1,7 +1,9 @@
 // Every ntkcl_fast:: op schema, in one place. Kernels live in cpu/<family>.cpp and
 // cuda/<family>.cu; fake kernels (for torch.compile) are registered from Python.
-#include <Python.h>
 #include <torch/library.h>
+#ifdef NTKCL_PYTHON_MODULE
+#include <Python.h>
+#endif
 
 #ifndef NTKCL_CUDA_ARCHS
 #define NTKCL_CUDA_ARCHS ""
@@ -16,6 +18,7 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] src, float[] decay, Tensor? decay_tensor) -> ()");
 }
 
+#ifdef NTKCL_PYTHON_MODULE
 // A plain Python module, so `import ntkcl_fast._C` loads the library and runs the
 // registrations above; it also carries the build facts `python -m ntkcl_fast info` prints.
 extern "C" PyObject* PyInit__C(void) {
@@ -31,3 +34,4 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddStringConstant(module, "built_with_torch", NTKCL_BUILT_WITH_TORCH);
   return module;
 }
+#endif  // NTKCL_PYTHON_MODULE

@@ -179,7 +179,7 @@ class ModelEMA(torch.nn.Module):
         for e, s in zip(ema_avg, src_avg):
             lists = by_device.setdefault(e.device, ([], []))
             lists[0].append(e)
-            lists[1].append(s.to(e.device, non_blocking=True))
+            lists[1].append(s.to(e.device))
         for ema_list, src_list in by_device.values():
             ema_update_(ema_list, src_list, decay, backend=self.backend)
         for e, s in zip(ema_copy, src_copy):

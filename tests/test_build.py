@@ -1,0 +1,38 @@
+"""The extension is built, registers its ops with CPU kernels and fake kernels, and says what it is."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ntkcl_fast
+from ntkcl_fast import _backend
+
+
+def _ops():
+    return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("ntkcl_fast::"))
+
+
+def test_extension_is_built():
+    assert _backend._C is not None, f"ntkcl_fast._C failed to import: {_backend._C_ERROR}"
+    assert ntkcl_fast.backends()["cpu"]
+
+
+@pytest.mark.parametrize("key", ["CPU", "Meta"])
+def test_every_op_has_a_kernel(key):
+    """CPU from csrc/cpu; Meta is where torch.library.register_fake puts the Python fake kernels."""
+    ops = _ops()
+    assert ops
+    for op in ops:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has no {key} kernel"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_kernels_built_when_a_gpu_is_present():
+    for op in _ops():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "ntkcl_fast", "info"], capture_output=True, text=True, check=True)
+    assert "backend cpu" in out.stdout and "torch" in out.stdout
