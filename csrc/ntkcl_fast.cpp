@@ -16,6 +16,15 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   // ema[i] <- ema[i] + (1 - d_i) * (src[i] - ema[i]) over floating pairs, d_i = decay[i], or the
   // value of the 0-d decay_tensor for every pair when it is given (decay is then ignored).
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] src, float[] decay, Tensor? decay_tensor) -> ()");
+  // L2 / EWC: value = scale * sum_i sum(F_i * (params_i - anchors_i)^2) as a 0-d fp32 tensor, with
+  // F_i = importance[i] (importance empty: F_i = 1) and a deterministic reduction.
+  m.def("l2_penalty(Tensor[] params, Tensor[] anchors, Tensor[] importance, float scale) -> Tensor");
+  // Same value; also grads[i] <- [grads[i] +] 2 * scale * F_i * (params_i - anchors_i) * g, with g the
+  // 0-d grad_output read on device (1 when absent); `accumulate` adds into grads, else overwrites.
+  m.def("l2_penalty_grad_(Tensor(a!)[] grads, Tensor[] params, Tensor[] anchors, Tensor[] importance, "
+        "float scale, Tensor? grad_output, bool accumulate) -> Tensor");
+  // fisher[i] <- decay * fisher[i] + scale * grads[i]^2.
+  m.def("fisher_accumulate_(Tensor(a!)[] fisher, Tensor[] grads, float scale, float decay) -> ()");
 }
 
 #ifdef NTKCL_PYTHON_MODULE

@@ -90,3 +90,22 @@ def no_overlap(written: list[torch.Tensor], w_name: str, read: list[torch.Tensor
             end_any, last_any = hi, label
         if is_written and hi > end_written:
             end_written, last_written = hi, label
+
+
+def finite_float(value, name: str, *, nonnegative: bool = False) -> float:
+    """A real, finite Python number as float (bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def floating_list(tensors: list[torch.Tensor], name: str) -> None:
+    """TypeError naming the first tensor whose dtype is not fp16/bf16/fp32/fp64."""
+    for i, t in enumerate(tensors):
+        if t.dtype not in FLOATING:
+            raise TypeError(f"{name}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
