@@ -28,7 +28,13 @@ inline void check_l2_args(at::TensorList grads, at::TensorList params, at::Tenso
   check_same_list(params, "params", params, "params", device);
   check_same_list(params, "params", anchors, "anchors", device);
   if (!importance.empty()) check_same_list(params, "params", importance, "importance", device);
-  if (!grads.empty()) check_same_list(params, "params", grads, "grads", device);
+  if (!grads.empty()) {
+    check_same_list(params, "params", grads, "grads", device);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      TORCH_CHECK_TYPE(grads[i].scalar_type() == params[i].scalar_type(), "grads[", i,
+                       "] must have the dtype of params[", i, "]");
+    }
+  }
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite");
   for (size_t i = 1; i < params.size(); ++i) {
     TORCH_CHECK_VALUE(params[i].device() == params[0].device(), "params[", i, "] is on ", params[i].device(),

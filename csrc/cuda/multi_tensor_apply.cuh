@@ -122,3 +122,105 @@ __device__ __forceinline__ bool pack_aligned(const void* p) {
 
 }  // namespace mta
 }  // namespace ntkcl_fast
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic reductions over a tensor list (L2 / EWC penalty values).
+//
+// Same chunk table as multi_tensor_apply; each block also gets its own slot of a `double`
+// buffer, indexed by its chunk's position in the whole list (across table launches), and writes
+// exactly one partial sum there: no float atomics, so the order of additions never depends on
+// scheduling. reduce_partials then adds the slots in a fixed order in one block.
+
+namespace ntkcl_fast {
+namespace mta {
+
+// Number of blocks (chunks) multi_tensor_apply_partials launches for `first`: the slot count.
+inline int64_t chunk_count(at::TensorList first) {
+  int64_t total = 0;
+  for (const at::Tensor& t : first) total += (t.numel() + kChunk - 1) / kChunk;
+  return total;
+}
+
+// Sum of `v` over the block, the same tree every time; the result is valid in thread 0.
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double warp_sums[kBlock / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += warp_sums[w];
+  }
+  __syncthreads();  // warp_sums may be reused by a following call
+  return total;
+}
+
+template <int Depth, typename Scalar, typename Functor>
+__global__ void __launch_bounds__(kBlock) multi_tensor_partials_kernel(const __grid_constant__ Table<Depth, Scalar> table,
+                                                                       Functor functor, double* partials) {
+  const int32_t block = static_cast<int32_t>(blockIdx.x);
+  const int t = tensor_of_block(table, block);
+  const int64_t begin = static_cast<int64_t>(block - table.first_chunk[t]) * kChunk;
+  const int64_t end = begin + kChunk < table.numel[t] ? begin + kChunk : table.numel[t];
+  const double sum = block_sum(functor(table, t, begin, end));
+  if (threadIdx.x == 0) partials[block] = sum;
+}
+
+// Launches `functor` (which returns each thread's partial sum) over `lists` and writes one sum per
+// chunk to `partials`, which holds chunk_count(lists[0]) doubles. Empty tensors are skipped.
+template <int Depth, typename Scalar, typename Functor>
+void multi_tensor_apply_partials(const std::array<at::TensorList, Depth>& lists, const std::vector<Scalar>& scalars,
+                                 const Functor& functor, double* partials) {
+  const at::TensorList& first = lists[0];
+  if (first.empty()) return;
+  const c10::cuda::CUDAGuard guard(first[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Table<Depth, Scalar> table;
+  table.count = 0;
+  table.first_chunk[0] = 0;
+  int64_t done = 0;  // slots written by earlier launches
+  auto launch = [&] {
+    if (table.count == 0) return;
+    multi_tensor_partials_kernel<Depth, Scalar, Functor>
+        <<<table.first_chunk[table.count], kBlock, 0, stream>>>(table, functor, partials + done);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    done += table.first_chunk[table.count];
+    table.count = 0;
+  };
+  constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;
+  for (size_t i = 0; i < first.size(); ++i) {
+    const int64_t n = first[i].numel();
+    if (n == 0) continue;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    if (table.count == kMaxTensors || table.first_chunk[table.count] + chunks > kMaxBlocks) launch();
+    const int t = table.count;
+    for (int d = 0; d < Depth; ++d) {
+      table.ptr[d][t] = const_cast<void*>(lists[d][i].const_data_ptr());
+      table.dtype[d][t] = dtype_code(lists[d][i].scalar_type());
+    }
+    table.numel[t] = n;
+    table.scalar[t] = scalars.empty() ? Scalar(0) : scalars[i];
+    table.first_chunk[t + 1] = static_cast<int32_t>(table.first_chunk[t] + chunks);
+    table.count = t + 1;
+  }
+  launch();
+}
+
+// out[0] = float(scale * sum(partials[0, n))), added in a fixed order by one block.
+__global__ void __launch_bounds__(kBlock) reduce_partials_kernel(const double* partials, int64_t n, double scale,
+                                                                 float* out) {
+  double v = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v += partials[i];
+  const double total = block_sum(v);
+  if (threadIdx.x == 0) *out = static_cast<float>(total * scale);
+}
+
+inline void reduce_partials(const double* partials, int64_t n, double scale, float* out, cudaStream_t stream) {
+  reduce_partials_kernel<<<1, kBlock, 0, stream>>>(partials, n, scale, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace mta
+}  // namespace ntkcl_fast
