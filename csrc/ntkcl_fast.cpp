@@ -25,6 +25,10 @@ TORCH_LIBRARY(ntkcl_fast, m) {
         "float scale, Tensor? grad_output, bool accumulate) -> Tensor");
   // fisher[i] <- decay * fisher[i] + scale * grads[i]^2.
   m.def("fisher_accumulate_(Tensor(a!)[] fisher, Tensor[] grads, float scale, float decay) -> ()");
+  // AdamR: Adam plus a decoupled pull toward anchors (L2, or L1 when l1), one step for the list.
+  // hyper = [lr, beta1, beta2, eps, weight_decay, pull, lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)].
+  m.def("adamr_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
+        "Tensor[] anchors, float[] hyper, bool l1) -> ()");
 }
 
 #ifdef NTKCL_PYTHON_MODULE

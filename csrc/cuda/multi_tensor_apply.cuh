@@ -208,8 +208,10 @@ void multi_tensor_apply_partials(const std::array<at::TensorList, Depth>& lists,
   launch();
 }
 
-// out[0] = float(scale * sum(partials[0, n))), added in a fixed order by one block.
-__global__ void __launch_bounds__(kBlock) reduce_partials_kernel(const double* partials, int64_t n, double scale,
+// out[0] = float(scale * sum(partials[0, n))), added in a fixed order by one block. A template, so
+// that every .cu including this header can instantiate it without a duplicate symbol.
+template <int Block = kBlock>
+__global__ void __launch_bounds__(Block) reduce_partials_kernel(const double* partials, int64_t n, double scale,
                                                                  float* out) {
   double v = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v += partials[i];
@@ -218,7 +220,7 @@ __global__ void __launch_bounds__(kBlock) reduce_partials_kernel(const double* p
 }
 
 inline void reduce_partials(const double* partials, int64_t n, double scale, float* out, cudaStream_t stream) {
-  reduce_partials_kernel<<<1, kBlock, 0, stream>>>(partials, n, scale, out);
+  reduce_partials_kernel<kBlock><<<1, kBlock, 0, stream>>>(partials, n, scale, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
