@@ -153,3 +153,22 @@ def test_bad_arguments():
         opt = AdamR(p, backend="fast")
         p[0].grad = torch.ones(3)
         opt.step()
+
+
+def test_opcheck_and_kernel_checks():
+    from ntkcl_fast import _backend
+    if _backend._C is None:
+        pytest.skip("extension not built")
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(5, 3, generator=gen), torch.randn(17, generator=gen).bfloat16()]
+    grads = [torch.randn(5, 3, generator=gen), torch.randn(17, generator=gen).bfloat16()]
+    m = [torch.randn(5, 3, generator=gen), torch.randn(17, generator=gen)]
+    v = [torch.rand(5, 3, generator=gen), torch.rand(17, generator=gen)]
+    anchors = [torch.randn(5, 3, generator=gen), torch.randn(17, generator=gen)]
+    hyper = [1e-3, 0.9, 0.999, 1e-8, 0.0, 0.1, 1e-2, 1.0]
+    torch.library.opcheck(torch.ops.ntkcl_fast.adamr_step_.default, (params, grads, m, v, anchors, hyper, False))
+    torch.library.opcheck(torch.ops.ntkcl_fast.adamr_step_.default, (params, grads, m, v, anchors, hyper, True))
+    with pytest.raises(ValueError, match="hyper"):
+        torch.ops.ntkcl_fast.adamr_step_(params, grads, m, v, anchors, hyper[:3], False)
+    with pytest.raises(ValueError, match="anchors"):
+        torch.ops.ntkcl_fast.adamr_step_(params, grads, m, v, anchors[:1], hyper, False)

@@ -422,3 +422,25 @@ def test_reference_is_the_formula():
     fi = torch.tensor([2.0], dtype=torch.float64)
     reference.fisher_accumulate_([fi], [torch.tensor([3.0], dtype=torch.float64)], 0.5, 0.25)
     assert fi.item() == 0.25 * 2.0 + 0.5 * 9.0
+
+
+@pytest.mark.skipif(_backend._C is None, reason="extension not built")
+def test_works_under_torch_compile():
+    gen = torch.Generator().manual_seed(14)
+    params = [torch.randn(10, generator=gen, requires_grad=True), torch.randn(3, 4, generator=gen, requires_grad=True)]
+    anchors = [torch.randn(10, generator=gen), torch.randn(3, 4, generator=gen)]
+    importance = [torch.rand(10, generator=gen), torch.rand(3, 4, generator=gen)]
+
+    def loss(ps):
+        return ntkcl_fast.l2_penalty(ps, anchors, importance, lam=0.5, backend="cpu") + sum((x ** 3).sum() for x in ps)
+
+    value = torch.compile(loss, backend="aot_eager")(params)
+    value.backward()
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    want = loss(params)
+    want.backward()
+    torch.testing.assert_close(value, want)
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, p.grad)
