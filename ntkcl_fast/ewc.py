@@ -233,17 +233,19 @@ class EWC:
     def penalty(self) -> torch.Tensor:
         """`lam * c * sum_terms sum F (p - a)^2` (0-d fp32, differentiable), 0 before any term."""
         if not self.terms:
-            return torch.zeros((), dtype=torch.float32)
+            return torch.zeros((), dtype=torch.float32, device=self._device())
         p, a, f = self._lists()
         return l2_penalty(p, a, f, lam=self.lam, half=self.half, backend=self.backend)
 
     def penalty_grad_(self) -> torch.Tensor:
         """Adds the penalty's gradient into `.grad` of the selected parameters; returns the value."""
-        if not self.terms:
-            return torch.zeros((), dtype=torch.float32)
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self._device())
         params = self.parameters()
         for anchors, importance in self.terms:  # one call per term: a param appears once per call
             v = l2_penalty_grad_(params, anchors, importance, lam=self.lam, half=self.half, backend=self.backend)
-            total = total + v.cpu()
+            total = total + v
         return total
+
+    def _device(self) -> torch.device:
+        params = self.parameters()
+        return params[0].device if params else torch.device("cpu")
