@@ -93,7 +93,8 @@ class EWC:
         self.logits_fn = logits_fn or (lambda out: out)
         self.backend = backend
         self.names = self._select(params)
-        self.terms: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (anchors, importance)
+        self.terms: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # EWC (anchors, Fisher)
+        self.l2sp: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # anchor_to_current()
 
     def _select(self, params) -> list[str]:
         named = dict(self.model.named_parameters())
@@ -103,9 +104,9 @@ class EWC:
         for i, pat in enumerate(patterns):
             if not isinstance(pat, str):
                 raise TypeError(f"params[{i}] must be a regex string, got {type(pat).__name__}")
-        names = [n for n in named if any(re.search(pat, n) for pat in patterns)]
+        names = [n for n, p in named.items() if p.requires_grad and any(re.search(pat, n) for pat in patterns)]
         if not names:
-            raise ValueError(f"params {patterns!r} match no parameter of the model")
+            raise ValueError(f"params {patterns!r} match no trainable parameter of the model")
         return names
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -115,13 +116,16 @@ class EWC:
     # ------------------------------------------------------------------ anchors and terms
     @torch.no_grad()
     def anchor_to_current(self, importance: float = 1.0) -> None:
-        """One term: anchors = the current weights (e.g. pre-trained), constant importance (L2-SP)."""
+        """L2-SP: anchors = the current weights (e.g. pre-trained) with a constant importance.
+
+        Kept apart from the EWC terms (never merged with a Fisher in online mode); a second call
+        replaces it."""
         params = self.parameters()
         anchors = [p.detach().clone() for p in params]
         imp = [torch.full_like(p, importance, dtype=torch.float32) for p in params]
-        self._add_term(anchors, imp, merge_rule=False)
+        self.l2sp = (anchors, imp)
 
-    def _add_term(self, anchors, importance, *, merge_rule: bool = True, decay: float | None = None) -> None:
+    def _add_term(self, anchors, importance, *, decay: float | None = None) -> None:
         if self.mode == "separate" or not self.terms:
             if self.mode == "online":
                 self.terms = [(anchors, importance)]
@@ -130,7 +134,7 @@ class EWC:
             return
         old = self.terms[0][1]
         d = self.decay if decay is None else decay
-        if merge_rule and self.merge == "convex":  # PyCIL: alpha * F_old + (1 - alpha) * F_new
+        if self.merge == "convex":  # PyCIL: alpha * F_old + (1 - alpha) * F_new
             for new, prev in zip(importance, old):
                 new.mul_(1 - d).add_(prev, alpha=d)
         else:  # decay * F_old + F_new
@@ -224,7 +228,7 @@ class EWC:
     def _lists(self):
         params = self.parameters()
         p, a, f = [], [], []
-        for anchors, importance in self.terms:
+        for anchors, importance in self._all_terms():
             p += params
             a += anchors
             f += importance
@@ -232,7 +236,7 @@ class EWC:
 
     def penalty(self) -> torch.Tensor:
         """`lam * c * sum_terms sum F (p - a)^2` (0-d fp32, differentiable), 0 before any term."""
-        if not self.terms:
+        if not self._all_terms():
             return torch.zeros((), dtype=torch.float32, device=self._device())
         p, a, f = self._lists()
         return l2_penalty(p, a, f, lam=self.lam, half=self.half, backend=self.backend)
@@ -241,10 +245,13 @@ class EWC:
         """Adds the penalty's gradient into `.grad` of the selected parameters; returns the value."""
         total = torch.zeros((), dtype=torch.float32, device=self._device())
         params = self.parameters()
-        for anchors, importance in self.terms:  # one call per term: a param appears once per call
+        for anchors, importance in self._all_terms():  # one call per term: a param appears once per call
             v = l2_penalty_grad_(params, anchors, importance, lam=self.lam, half=self.half, backend=self.backend)
             total = total + v
         return total
+
+    def _all_terms(self):
+        return ([self.l2sp] if self.l2sp is not None else []) + self.terms
 
     def _device(self) -> torch.device:
         params = self.parameters()

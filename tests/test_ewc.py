@@ -272,3 +272,24 @@ def test_bad_arguments():
         EWC(model, labels="expected", per_sample=False)
     with pytest.raises(ValueError, match="batches"):
         EWC(model).consolidate([])
+
+
+def test_l2sp_term_is_kept_apart_from_online_fisher():
+    model = _model()
+    ewc = EWC(model, mode="online", decay=0.5, lam=1.0)
+    ewc.anchor_to_current(importance=2.0)
+    pre = _snapshot(model)
+    fisher = ewc.consolidate(_batches(1))
+    after = _snapshot(model)
+    _perturb(model, 9)
+    want = sum((2.0 * (p - pre[n]) ** 2).sum() + (dict(zip(ewc.names, fisher))[n] * (p - after[n]) ** 2).sum()
+               for n, p in model.named_parameters())
+    _close(ewc.penalty(), want)
+    assert len(ewc.terms) == 1
+
+
+def test_frozen_parameters_are_not_selected():
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    assert "0.weight" not in EWC(model).names
+    assert EWC(model, params=r"^0\.").names == ["0.bias"]
