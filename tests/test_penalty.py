@@ -444,3 +444,15 @@ def test_works_under_torch_compile():
     torch.testing.assert_close(value, want)
     for g, p in zip(got, params):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler: compile the kernels to PTX too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "compile_triton_penalty.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
