@@ -172,3 +172,33 @@ def test_opcheck_and_kernel_checks():
         torch.ops.ntkcl_fast.adamr_step_(params, grads, m, v, anchors, hyper[:3], False)
     with pytest.raises(ValueError, match="anchors"):
         torch.ops.ntkcl_fast.adamr_step_(params, grads, m, v, anchors[:1], hyper, False)
+
+
+def test_param_groups_and_closure():
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(torch.randn(3))
+    opt = AdamR([{"params": [a], "lr": 0.1, "pull": 1.0}, {"params": [b], "lr": 0.01, "pull_norm": "l1"}],
+                pull=0.5)
+    ref = torch.optim.Adam([{"params": [a2 := torch.nn.Parameter(a.detach().clone())], "lr": 0.1},
+                            {"params": [b2 := torch.nn.Parameter(b.detach().clone())], "lr": 0.01}], foreach=False)
+    anchors = [a.detach().clone(), b.detach().clone()]
+
+    def closure():
+        opt.zero_grad()
+        loss = (a ** 2).sum() + (b ** 3).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        loss = opt.step(closure)
+        assert loss is not None
+        ref.zero_grad()
+        ((a2 ** 2).sum() + (b2 ** 3).sum()).backward()
+        with torch.no_grad():
+            da, db = a2 - anchors[0], torch.sign(b2 - anchors[1])
+        ref.step()
+        with torch.no_grad():
+            a2.sub_(0.1 * 1.0 * da)
+            b2.sub_(0.01 * 0.5 * db)
+    torch.testing.assert_close(a, a2)
+    torch.testing.assert_close(b, b2)

@@ -293,3 +293,26 @@ def test_frozen_parameters_are_not_selected():
     model[0].weight.requires_grad_(False)
     assert "0.weight" not in EWC(model).names
     assert EWC(model, params=r"^0\.").names == ["0.bias"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_bf16_model_with_fp32_fisher(backend):
+    from ntkcl_fast import _backend
+    if backend == "cpu" and _backend._C is None:
+        pytest.skip("extension not built")
+    model = _model().to(torch.bfloat16)
+    batches = [(x.to(torch.bfloat16), y) for x, y in _batches(1)]
+    ewc = EWC(model, lam=10.0, backend=backend)
+    fisher = ewc.consolidate(batches)
+    assert all(f.dtype == torch.float32 for f in fisher)
+    assert all(a.dtype == torch.bfloat16 for a in ewc.terms[0][0])
+    _perturb(model, 2)
+    value = ewc.penalty()
+    value.backward()
+    want = [p.grad.clone() for p in ewc.parameters()]
+    model.zero_grad(set_to_none=True)
+    value2 = ewc.penalty_grad_()
+    assert torch.equal(value.detach(), value2)
+    for p, w in zip(ewc.parameters(), want):
+        assert p.grad.dtype == torch.bfloat16
+        assert torch.equal(p.grad, w)
