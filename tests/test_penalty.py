@@ -456,3 +456,24 @@ def test_triton_kernels_compile_for_sm90():
     script = Path(__file__).resolve().parent.parent / "scripts" / "compile_triton_penalty.py"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(not ntkcl_fast.backends()["cuda"], reason="needs the CUDA kernels and a GPU")
+def test_cuda_graph_capture_of_penalty_and_gradient():
+    params = [torch.randn(1000, device="cuda", dtype=torch.bfloat16).requires_grad_(), torch.randn(7, device="cuda")
+              .requires_grad_()]
+    anchors = [torch.zeros(1000, device="cuda"), torch.zeros(7, device="cuda")]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    ntkcl_fast.l2_penalty_grad_(params, anchors, backend="cuda")  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        value = ntkcl_fast.l2_penalty_grad_(params, anchors, backend="cuda")
+    for p in params:
+        p.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    want = sum((p.detach().double() ** 2).sum() for p in params)
+    torch.testing.assert_close(value.double(), want, rtol=1e-6, atol=0)
+    for p in params:
+        torch.testing.assert_close(p.grad, 2 * p.detach())
