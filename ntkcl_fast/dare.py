@@ -286,7 +286,11 @@ def magnitude_prune_(delta, density: float, *, backend: str = "auto") -> torch.T
     flat index), zero the rest; returns `delta`."""
     _floating(delta, "delta")
     density = _validate.unit_interval(density, "density")
-    k = round(density * delta.numel())
+    return prune_k_(delta, round(density * delta.numel()), backend=backend)
+
+
+def prune_k_(delta: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
+    """magnitude_prune_ with an explicit count k in [0, numel] (delta already validated)."""
     name = _backend.resolve(backend, delta.device, "magnitude_prune_")
     if name == "triton":
         raise RuntimeError("backend 'triton' has no magnitude_prune_ kernel; use 'cuda', 'cpu' or 'torch'")

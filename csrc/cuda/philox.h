@@ -34,7 +34,9 @@ NTKCL_HD uint32_t mulhi(uint32_t a, uint32_t b) {
 
 // Ten rounds; the key is bumped by the Weyl constants between rounds.
 NTKCL_HD U4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int r = 0; r < 10; ++r) {
     if (r) {
       k0 += kW0;
