@@ -310,16 +310,14 @@ def prune_k_(delta: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Ten
 
 def darex_q_search(evaluate: Callable[[float], float], *, p: float, coarse=None, fine_steps: int = 5,
                    maximize: bool = True) -> tuple[float, float]:
-    """DAREx-q search: the q that scores best under `evaluate(q)`, as DAREx's own code searches it.
+    """DAREx-q search: the q that scores best under the caller's `evaluate(q)`.
 
-    A coarse grid first (default: 1 - p, then 10 points from 1 - p to 1 - p / 10... see below),
-    then `fine_steps` points on each side of the best coarse value, halfway to its grid neighbours.
-    The caller's `evaluate` should build the merged model with a fixed `seed` (so the mask is the
-    same for every candidate, only q changes) and return a score (accuracy; set
-    `maximize=False` for a loss). Returns (best q, its score).
-
-    Default coarse grid: q in {(1 - p) * m for m in (0.5, 0.6, ..., 2.0)} clipped to (0, 1 / ...]
-    -- DAREx reports the best q is typically a bit above 1 - p for large p.
+    As DAREx's own search: a coarse grid first, then a finer pass of `fine_steps` points on each
+    side of the best coarse value, up to its grid neighbours. The default coarse grid is
+    `(1 - p) * m` for m = 0.5, 0.6, ..., 2.0 (DAREx finds the best q a little above 1 - p at high
+    p). `evaluate` should merge with a fixed `seed` (so the mask is the same for every candidate
+    and only q changes) and return a score (e.g. validation accuracy; `maximize=False` for a
+    loss). Each q is evaluated once. Returns (best q, its score).
     """
     p = _validate.unit_interval(p, "p")
     if not callable(evaluate):
@@ -356,16 +354,21 @@ def darex_analytic_q(delta_weight: torch.Tensor, mean_input: torch.Tensor, p: fl
                      gamma: float = 0.0) -> torch.Tensor:
     """DAREx's analytical per-row q for a linear layer `y = W x` with delta `dW [out, in]`.
 
-    With mean input activation `x_bar [in]`, the rescaled pruned delta of row r has expectation
-    `(1 - p) / q_r * dW_r . x_bar` and a variance proportional to
-    `p (1 - p) / q_r^2 * sum_i dW_ri^2 x_bar_i^2`. Matching the expected output change of the row
-    while penalizing that variance gives
+    For row r, with the mean input activation `x_bar [in]` and the DARE mask m_i ~ Bernoulli(1 - p),
+    the change of the row's output caused by pruning and rescaling by 1/q is
+    `h_r = sum_i (1 - m_i / q) dW_ri x_bar_i`, with
 
-        q_r = (1 - p) * (1 + eta * p / (1 - p) * s_r / (m_r^2 + gamma)),
-        m_r = dW_r . x_bar,  s_r = sum_i (dW_ri * x_bar_i)^2,
+        E[h_r]   = (1 - (1 - p) / q) * mu_r,     mu_r = sum_i dW_ri x_bar_i
+        Var[h_r] = p (1 - p) / q^2 * s_r,        s_r  = sum_i (dW_ri x_bar_i)^2
 
-    `eta` scales the variance term (0 gives plain DARE, q = 1 - p) and `gamma` > 0 damps rows whose
-    mean output change m_r is near zero. Returns fp32 `q [out]` for `dare(..., q=q)`.
+    q_r minimizes `E[h_r]^2 + eta * Var[h_r]` (the bias-variance balance of DAREx-q; eta = 1 is the
+    mean squared change), which in closed form is
+
+        q_r = (1 - p) * (1 + eta * p / (1 - p) * s_r / (mu_r^2 + gamma)).
+
+    `eta` >= 0 weighs the variance (eta = 0 gives plain DARE, q = 1 - p); `gamma` >= 0 damps rows
+    whose mean output change mu_r is near zero (with gamma = 0 a row with mu_r = 0 gets 1 - p).
+    q_r >= 1 - p always. Returns fp32 `q [out]`, to pass as `dare(..., q=q)`.
     """
     p = _validate.unit_interval(p, "p")
     if p >= 1.0:
