@@ -345,3 +345,36 @@ def test_darex_analytic_q():
     want = 0.1 * (1 + 0.5 * 0.9 / 0.1 * (c * c).sum(1) / (c.sum(1) ** 2 + 1e-3))
     assert torch.allclose(q.double(), want, rtol=1e-5)
     assert (q >= 0.1).all()
+
+
+def _philox_draw_kernel():
+    from ._triton_philox_probe import draw  # imports triton: only where it is available
+    return draw
+
+
+@pytest.mark.skipif(_backend.unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu", "dare_")
+                    is not None, reason="triton is not available")
+def test_triton_philox_matches_oracle_on_any_counter():
+    """Random123 known answers and random full-width counters: the high counter word (element
+    indices past 2**34) and every key word go through the Triton Philox like through the oracle."""
+    rng = random.Random(3)
+    counters = [(0, 0, 0, 0), (M32,) * 4, (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)]
+    keys = [(0, 0), (M32, M32), (0xA4093822, 0x299F31D0)]
+    while len(counters) < 16:
+        counters.append(tuple(rng.getrandbits(32) for _ in range(4)))
+        keys.append((rng.getrandbits(32), rng.getrandbits(32)))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.full((16 * 4,), -1, dtype=torch.int64, device=device)
+    _philox_draw_kernel()[(1,)](torch.tensor(counters, dtype=torch.int64, device=device).reshape(-1),
+                                torch.tensor(keys, dtype=torch.int64, device=device).reshape(-1), out, N=16)
+    for c, k, g in zip(counters, keys, out.reshape(16, 4).tolist()):
+        assert tuple(g) == philox4x32_10(c, k)
+
+
+@pytest.mark.parametrize("device,backend", PRUNE_PAIRS)
+def test_magnitude_prune_non_contiguous(device, backend):
+    x = torch.randn(13, 7, generator=torch.Generator().manual_seed(2)).to(device)
+    d = x.clone().t()
+    ntkcl_fast.magnitude_prune_(d, 0.3, backend=backend)
+    want = ntkcl_fast.magnitude_prune_(x.t().contiguous(), 0.3, backend="torch")
+    assert torch.equal(d, want)

@@ -108,17 +108,17 @@ void dare_span(const Job& job, int64_t lo, int64_t hi, uint64_t threshold, uint6
         q = qr[row];
         e = std::min(e, (row + 1) * inner);
       }
-      const uint8_t* k = keep - blk;
+      const uint8_t* k = keep;  // k[x - blk]: the keep flag of element x
       if (b) {
         for (int64_t x = i; x < e; ++x) {
           const Acc bb = static_cast<Acc>(b[x]);
           const Acc d = (static_cast<Acc>(f[x]) - bb) / q;
-          out[x] = static_cast<T>(k[x] ? bb + d : bb);
+          out[x] = static_cast<T>(k[x - blk] ? bb + d : bb);
         }
       } else {
         for (int64_t x = i; x < e; ++x) {
           const Acc d = static_cast<Acc>(f[x]) / q;
-          out[x] = static_cast<T>(k[x] ? d : Acc(0));
+          out[x] = static_cast<T>(k[x - blk] ? d : Acc(0));
         }
       }
       i = e;
