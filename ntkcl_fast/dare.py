@@ -222,8 +222,9 @@ def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed
 
     `q`: None, a float, or a mapping name -> float or per-row tensor (names missing from it use
     1 - p). Names matching any `exclude` regex (re.search) and non-floating tensors are returned as
-    the finetuned value. On CUDA (and the CPU kernel) all tensors with a scalar q go in one launch per
-    device, their keys in the launch table.
+    the finetuned value. All tensors with a scalar q go in one launch per device (CUDA kernel; the
+    Triton backend takes one launch per dtype), their keys and q in the launch table; tensors with
+    a per-row q take one launch each.
     """
     if not isinstance(finetuned, Mapping) or not isinstance(base, Mapping):
         raise TypeError("finetuned and base must be mappings name -> tensor")
@@ -265,7 +266,7 @@ def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed
         batched: dict[torch.device, list] = {}
         for name, f, b, qv, q_rows in plan:
             bname = names[f.device]
-            if bname in ("cpu", "cuda") and q_rows is None:
+            if bname in ("cpu", "cuda", "triton") and q_rows is None:
                 batched.setdefault(f.device, []).append((name, f, b, qv))
             else:
                 result[name] = _run_one(bname, None, f, b, p, qv, q_rows, seed, tensor_key(name))
@@ -273,8 +274,13 @@ def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed
             fins = [f.contiguous() for _, f, _, _ in items]
             bases = [b.contiguous() for _, _, b, _ in items]
             outs = [torch.empty_like(f, memory_format=torch.contiguous_format) for f in fins]
-            torch.ops.ntkcl_fast.dare_multi_(outs, fins, bases, t, [qv for *_, qv in items], as_i64(seed),
-                                             [as_i64(tensor_key(n)) for n, *_ in items])
+            qs = [qv for *_, qv in items]
+            if names[device] == "triton":
+                from .triton.dare import dare_multi_ as triton_dare_multi_
+                triton_dare_multi_(outs, fins, bases, t, qs, seed, [tensor_key(n) for n, *_ in items])
+            else:
+                torch.ops.ntkcl_fast.dare_multi_(outs, fins, bases, t, qs, as_i64(seed),
+                                                 [as_i64(tensor_key(n)) for n, *_ in items])
             for (name, *_), o in zip(items, outs):
                 result[name] = o
     return {name: result[name] for name in finetuned}

@@ -378,3 +378,22 @@ def test_magnitude_prune_non_contiguous(device, backend):
     ntkcl_fast.magnitude_prune_(d, 0.3, backend=backend)
     want = ntkcl_fast.magnitude_prune_(x.t().contiguous(), 0.3, backend="torch")
     assert torch.equal(d, want)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_dare_state_dict_one_launch_equals_per_tensor_calls(device, backend):
+    """The batched launch (keys and q in the table) gives each tensor exactly its own dare()."""
+    rng = random.Random(5)
+    gen = torch.Generator().manual_seed(5)
+    fin, base = {}, {}
+    for i in range(40):
+        shape = rng.choice([(rng.randint(1, 300),), (rng.randint(1, 5), rng.randint(1, 50)), (0,)])
+        dtype = rng.choice(DTYPES)
+        fin[f"block{i}.w"] = torch.randn(shape, generator=gen).to(device, dtype)
+        base[f"block{i}.w"] = torch.randn(shape, generator=gen).to(device, dtype)
+    q = {name: rng.uniform(0.2, 1.0) for name in list(fin)[::3]}
+    got = ntkcl_fast.dare_state_dict(fin, base, 0.7, q=q, seed=BIG_SEED, backend=backend)
+    for name in fin:
+        want = ntkcl_fast.dare(fin[name], base[name], 0.7, q=q.get(name), seed=BIG_SEED, key=tensor_key(name),
+                               backend=backend)
+        assert torch.equal(got[name], want), name

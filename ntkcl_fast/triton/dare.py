@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from ..random import M32
+from ._table import chunk_table, find_tensor
 
 BLOCK = 1024  # elements per program (BLOCK // 4 Philox calls)
 
@@ -60,6 +61,58 @@ def _dare_kernel(out, fin, base, q_rows, params, qbuf, n, inner, HAS_BASE: tl.co
     else:
         res = tl.where(keep, f / q, 0.0)
     tl.store(out + offs, res.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dare_multi_kernel(table, count, keys, qs, seed_lo, seed_hi, thresh, E: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """One program per BLOCK of any tensor of the list; per-tensor key and q from device arrays."""
+    pid = tl.program_id(0)
+    t = find_tensor(table + 4 * count, count, pid, STEPS)
+    out = tl.load(table + t).to(tl.pointer_type(E))
+    fin = tl.load(table + count + t).to(tl.pointer_type(E))
+    base = tl.load(table + 2 * count + t).to(tl.pointer_type(E))
+    n = tl.load(table + 3 * count + t)
+    block = (pid - tl.load(table + 4 * count + t)).to(tl.int64)
+    G: tl.constexpr = BLOCK // 4
+    j = block * G + tl.arange(0, G).to(tl.int64)
+    zero = tl.zeros([G], dtype=tl.uint32)
+    key_lo = tl.load(keys + 2 * t).to(tl.uint32)
+    key_hi = tl.load(keys + 2 * t + 1).to(tl.uint32)
+    u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), zero + key_lo, zero + key_hi,
+                                   zero + tl.load(seed_lo).to(tl.uint32), zero + tl.load(seed_hi).to(tl.uint32))
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
+    keep = u.to(tl.int64) >= tl.load(thresh)
+    offs = block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    f = tl.load(fin + offs, mask=mask).to(ACC)
+    b = tl.load(base + offs, mask=mask).to(ACC)
+    q = tl.load(qs + t).to(ACC)
+    res = tl.where(keep, b + (f - b) / q, b)
+    tl.store(out + offs, res.to(E), mask=mask)
+
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def dare_multi_(out: list[torch.Tensor], fin: list[torch.Tensor], base: list[torch.Tensor], threshold: int,
+                qs: list[float], seed: int, keys: list[int]) -> None:
+    """Contiguous, validated tensors of one device: one launch per dtype for the whole list."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, o in enumerate(out):
+        if o.numel():
+            groups.setdefault(o.dtype, []).append(i)
+    for dtype, idx in groups.items():
+        device = out[idx[0]].device
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        table, programs, steps = chunk_table([[out[i] for i in idx], [fin[i] for i in idx], [base[i] for i in idx]],
+                                             BLOCK, device)
+        key_words = torch.tensor([[keys[i] & M32, keys[i] >> 32] for i in idx], dtype=torch.int64).to(device)
+        q_dev = torch.tensor([qs[i] for i in idx], dtype=acc).to(device)
+        scalars = torch.tensor([seed & M32, seed >> 32, threshold], dtype=torch.int64).to(device)
+        _dare_multi_kernel[(programs,)](table, len(idx), key_words, q_dev, scalars[0:], scalars[1:], scalars[2:],
+                                        E=_TL[dtype], ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                                        BLOCK=BLOCK, STEPS=steps)
 
 
 def dare_(out: torch.Tensor, fin: torch.Tensor, base: torch.Tensor | None, threshold: int, q: float,
