@@ -5,6 +5,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ntkcl_fast.random import M32, philox4x32_10, philox_uint32, tensor_key, threshold
 
@@ -61,3 +63,18 @@ def test_threshold_edges():
     assert threshold(2.0 ** -40) == 0
     assert threshold(1.0 - 2.0 ** -53) == (1 << 32) - 1
     assert threshold(0.1) == int(0.1 * 2 ** 32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), p=st.floats(0.0, 1.0), seed=st.integers(0, (1 << 64) - 1),
+       key=st.integers(0, (1 << 64) - 1))
+def test_compiled_cpu_mask_is_the_oracle(n, p, seed, key):
+    """Any length, drop rate, seed and key: the C++ Philox mask equals the NumPy oracle's."""
+    import ntkcl_fast
+    from ntkcl_fast import _backend
+    from ntkcl_fast.reference.dare import keep_mask
+
+    if _backend.unavailable_reason("cpu", "cpu", "dare_") is not None:
+        pytest.skip("the compiled CPU kernels are not built")
+    got = ntkcl_fast.dare_mask((n,), p, seed=seed, key=key, backend="cpu")
+    assert bool((got == keep_mask((n,), p, seed, key)).all())
