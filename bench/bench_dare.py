@@ -83,6 +83,8 @@ def rows(device: str = "cpu", quick: bool = False) -> list[dict]:
                 if ntkcl_fast._backend.unavailable_reason(b, device, "dare_") is None]
     if device == "cpu":
         backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
+    else:
+        backends = [b for b in backends if b != "torch"]  # the NumPy oracle would draw 1G masks on the host
     result = []
     for n in sizes:
         for dtype in (torch.float32, torch.bfloat16):
