@@ -29,6 +29,17 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   // hyper = [lr, beta1, beta2, eps, weight_decay, pull, lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)].
   m.def("adamr_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
         "Tensor[] anchors, float[] hyper, bool l1) -> ()");
+  // DARE keep rule of docs/API.md (Philox4x32-10, csrc/cuda/philox.h); seed and key are uint64 bits
+  // in int64. With base: out <- kept ? base + (finetuned - base) / q : base; without base (delta
+  // mode): out <- kept ? finetuned / q : 0. q is q_rows[row] when q_rows is given. out may be
+  // finetuned or base itself.
+  m.def("dare_(Tensor(a!) out, Tensor finetuned, Tensor? base, int threshold, float q, Tensor? q_rows, "
+        "int seed, int key) -> ()");
+  // dare_ over a list (one launch per device on CUDA), per-tensor q and key.
+  m.def("dare_multi_(Tensor(a!)[] out, Tensor[] finetuned, Tensor[] base, int threshold, float[] q, int seed, "
+        "int[] keys) -> ()");
+  // keep exactly the k entries of largest |delta| (ties to lower flat index), zero the rest.
+  m.def("magnitude_prune_(Tensor(a!) delta, int k) -> ()");
 }
 
 #ifdef NTKCL_PYTHON_MODULE

@@ -1,0 +1,232 @@
+// CPU kernels of ntkcl_fast::dare_, dare_multi_ and magnitude_prune_.
+//
+// One parallel pass: each grain draws its Philox words for blocks of kBlock elements into a small
+// stack buffer (eight counters at a time, a loop the compiler vectorizes), then applies the
+// merge with fp32 math (fp64 for fp64), rounded once on store. Nothing is stored but the output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../cuda/philox.h"
+#include "../dare_checks.h"
+
+namespace ntkcl_fast {
+namespace {
+
+constexpr int64_t kBlock = 256;  // elements per draw buffer, a multiple of 4 * kLanes
+constexpr int kLanes = 8;
+
+// u[0 .. n) = draws of flat indices [start, start + n), start a multiple of 4, n <= kBlock.
+void fill_draws(uint32_t* u, int64_t start, int64_t n, uint64_t key, uint64_t seed) {
+  const uint64_t j0 = static_cast<uint64_t>(start) >> 2;
+  const int64_t groups = (n + 3) / 4;
+  int64_t g = 0;
+  const uint32_t kk0 = static_cast<uint32_t>(key), kk1 = static_cast<uint32_t>(key >> 32);
+  for (; g + kLanes <= groups; g += kLanes) {
+    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t j = j0 + g + l;
+      c0[l] = static_cast<uint32_t>(j);
+      c1[l] = static_cast<uint32_t>(j >> 32);
+      c2[l] = kk0;
+      c3[l] = kk1;
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      if (r) {
+        k0 += philox::kW0;
+        k1 += philox::kW1;
+      }
+      for (int l = 0; l < kLanes; ++l) {
+        const uint64_t p0 = static_cast<uint64_t>(philox::kM0) * c0[l];
+        const uint64_t p1 = static_cast<uint64_t>(philox::kM1) * c2[l];
+        const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ k0;
+        const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
+        c0[l] = n0;
+        c1[l] = static_cast<uint32_t>(p1);
+        c2[l] = n2;
+        c3[l] = static_cast<uint32_t>(p0);
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      uint32_t* o = u + 4 * (g + l);
+      o[0] = c0[l];
+      o[1] = c1[l];
+      o[2] = c2[l];
+      o[3] = c3[l];
+    }
+  }
+  for (; g < groups; ++g) {  // same function, one counter at a time (stays inside the buffer)
+    const philox::U4 w = philox::dare_draws(j0 + g, key, seed);
+    for (int l = 0; l < 4; ++l) u[4 * g + l] = w.v[l];
+  }
+}
+
+struct Job {
+  const at::Tensor* out;
+  const at::Tensor* finetuned;
+  const at::Tensor* base;  // null: delta mode
+  double q;
+  const at::Tensor* q_rows;  // null: scalar q
+  uint64_t key;
+};
+
+template <typename T>
+void dare_span(const Job& job, int64_t lo, int64_t hi, uint64_t threshold, uint64_t seed) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  T* out = job.out->data_ptr<T>();
+  const T* f = job.finetuned->const_data_ptr<T>();
+  const T* b = job.base ? job.base->const_data_ptr<T>() : nullptr;
+  const Acc* qr = job.q_rows ? job.q_rows->const_data_ptr<Acc>() : nullptr;
+  const int64_t inner = job.q_rows && job.out->size(0) ? job.out->numel() / job.out->size(0) : 0;
+  alignas(64) uint32_t u[kBlock];
+  alignas(64) uint8_t keep[kBlock];
+  for (int64_t blk = lo & ~int64_t{3}; blk < hi; blk += kBlock) {
+    const int64_t n = std::min<int64_t>(kBlock, hi - blk);
+    if (threshold == 0) {
+      std::fill(keep, keep + n, uint8_t{1});
+    } else if (threshold > 0xFFFFFFFFull) {
+      std::fill(keep, keep + n, uint8_t{0});
+    } else {
+      fill_draws(u, blk, n, job.key, seed);
+      const uint32_t t32 = static_cast<uint32_t>(threshold);
+      for (int64_t i = 0; i < n; ++i) keep[i] = u[i] >= t32;
+    }
+    const int64_t s = std::max(blk, lo);
+    for (int64_t i = s; i < blk + n;) {
+      // a run of one q: the whole block for scalar q, up to the next row boundary otherwise
+      int64_t e = blk + n;
+      Acc q = static_cast<Acc>(job.q);
+      if (qr) {
+        const int64_t row = i / inner;
+        q = qr[row];
+        e = std::min(e, (row + 1) * inner);
+      }
+      const uint8_t* k = keep;  // k[x - blk]: the keep flag of element x
+      if (b) {
+        for (int64_t x = i; x < e; ++x) {
+          const Acc bb = static_cast<Acc>(b[x]);
+          const Acc d = (static_cast<Acc>(f[x]) - bb) / q;
+          out[x] = static_cast<T>(k[x - blk] ? bb + d : bb);
+        }
+      } else {
+        for (int64_t x = i; x < e; ++x) {
+          const Acc d = static_cast<Acc>(f[x]) / q;
+          out[x] = static_cast<T>(k[x - blk] ? d : Acc(0));
+        }
+      }
+      i = e;
+    }
+  }
+}
+
+void run_jobs(const std::vector<Job>& jobs, uint64_t threshold, uint64_t seed) {
+  std::vector<int64_t> offset(jobs.size() + 1, 0);
+  for (size_t t = 0; t < jobs.size(); ++t) offset[t + 1] = offset[t] + jobs[t].out->numel();
+  constexpr int64_t kGrain = 1 << 15;
+  at::parallel_for(0, offset.back(), kGrain, [&](int64_t lo, int64_t hi) {
+    size_t t = std::upper_bound(offset.begin(), offset.end(), lo) - offset.begin() - 1;
+    for (int64_t pos = lo; pos < hi; ++t) {
+      const int64_t end = std::min(hi, offset[t + 1]);
+      if (end > pos) {
+        const Job& job = jobs[t];
+        const int64_t a = pos - offset[t], z = end - offset[t];
+        switch (job.out->scalar_type()) {
+          case at::kFloat: dare_span<float>(job, a, z, threshold, seed); break;
+          case at::kDouble: dare_span<double>(job, a, z, threshold, seed); break;
+          case at::kHalf: dare_span<at::Half>(job, a, z, threshold, seed); break;
+          case at::kBFloat16: dare_span<at::BFloat16>(job, a, z, threshold, seed); break;
+          default: TORCH_CHECK(false, "unreachable: dtype checked before");
+        }
+      }
+      pos = std::max(pos, end);
+    }
+  });
+}
+
+void dare_cpu(const at::Tensor& out, const at::Tensor& finetuned, const std::optional<at::Tensor>& base,
+              int64_t threshold, double q, const std::optional<at::Tensor>& q_rows, int64_t seed, int64_t key) {
+  const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
+  check_dare_one(out, finetuned, b, threshold, q, q_rows, c10::DeviceType::CPU);
+  const at::Tensor* qr = q_rows.has_value() && q_rows->defined() ? &*q_rows : nullptr;
+  if (qr) {
+    TORCH_CHECK_VALUE((*qr > 0).all().item<bool>(), "q_rows must be > 0");
+  }
+  run_jobs({Job{&out, &finetuned, b, q, qr, static_cast<uint64_t>(key)}}, static_cast<uint64_t>(threshold),
+           static_cast<uint64_t>(seed));
+}
+
+void dare_multi_cpu(at::TensorList out, at::TensorList finetuned, at::TensorList base, int64_t threshold,
+                    at::ArrayRef<double> q, int64_t seed, at::ArrayRef<int64_t> keys) {
+  TORCH_CHECK_VALUE(finetuned.size() == out.size() && base.size() == out.size() && q.size() == out.size() &&
+                        keys.size() == out.size(),
+                    "out, finetuned, base, q and keys must have the same length");
+  std::vector<Job> jobs;
+  for (size_t i = 0; i < out.size(); ++i) {
+    check_dare_one(out[i], finetuned[i], &base[i], threshold, q[i], std::nullopt, c10::DeviceType::CPU);
+    jobs.push_back(Job{&out[i], &finetuned[i], &base[i], q[i], nullptr, static_cast<uint64_t>(keys[i])});
+  }
+  run_jobs(jobs, static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed));
+}
+
+// Exact k by selection, not a sort: nth_element finds the k-th largest magnitude, then the ties at
+// that magnitude are kept in index order until k entries are kept.
+template <typename T>
+void prune_typed(at::Tensor& delta, int64_t k) {
+  T* d = delta.data_ptr<T>();
+  const int64_t n = delta.numel();
+  if (k >= n) return;
+  if (k <= 0) {
+    std::fill(d, d + n, T(0));
+    return;
+  }
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  std::vector<Acc> mag(n);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) mag[i] = std::abs(static_cast<Acc>(d[i]));
+  });
+  std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), std::greater<Acc>());
+  const Acc kth = mag[k - 1];
+  int64_t greater = 0;
+  for (int64_t i = 0; i < n; ++i) greater += std::abs(static_cast<Acc>(d[i])) > kth;
+  int64_t room = k - greater;
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc m = std::abs(static_cast<Acc>(d[i]));
+    if (m > kth) continue;
+    if (m == kth && room > 0) {
+      --room;
+      continue;
+    }
+    d[i] = T(0);
+  }
+}
+
+void magnitude_prune_cpu(const at::Tensor& delta, int64_t k) {
+  TORCH_CHECK_TYPE(is_supported_float(delta.scalar_type()), "delta must be fp16/bf16/fp32/fp64");
+  TORCH_CHECK_VALUE(delta.is_contiguous(), "delta must be contiguous");
+  TORCH_CHECK_VALUE(k >= 0 && k <= delta.numel(), "k must be in [0, numel]");
+  at::Tensor d = delta;
+  switch (delta.scalar_type()) {
+    case at::kFloat: return prune_typed<float>(d, k);
+    case at::kDouble: return prune_typed<double>(d, k);
+    case at::kHalf: return prune_typed<at::Half>(d, k);
+    case at::kBFloat16: return prune_typed<at::BFloat16>(d, k);
+    default: TORCH_CHECK(false, "unreachable");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ntkcl_fast, CPU, m) {
+  m.impl("dare_", &dare_cpu);
+  m.impl("dare_multi_", &dare_multi_cpu);
+  m.impl("magnitude_prune_", &magnitude_prune_cpu);
+}
+
+}  // namespace ntkcl_fast

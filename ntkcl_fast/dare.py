@@ -1,0 +1,397 @@
+"""DARE / DAREx delta-parameter pruning: `dare_mask`, `dare`, `dare_delta_`, `dare_state_dict`,
+`magnitude_prune_`, and DAREx's q rescaling (`darex_q_search`, `darex_analytic_q`).
+
+The mask of every backend follows the keep rule of docs/API.md (Philox4x32-10 keyed by seed,
+tensor key and flat element index); it is recomputed, never stored, so it is the same on every
+device, in any order of tensors and under any sharding.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from . import _backend, _validate
+from .random import as_i64, as_u64, tensor_key, threshold
+from .reference import dare as reference
+
+__all__ = ["dare", "dare_delta_", "dare_mask", "dare_state_dict", "darex_analytic_q", "darex_q_search",
+           "magnitude_prune_", "tensor_key"]
+
+if _backend._C is not None:
+    @torch.library.register_fake("ntkcl_fast::dare_")
+    def _dare_fake(out, finetuned, base, threshold, q, q_rows, seed, key):
+        return None
+
+    @torch.library.register_fake("ntkcl_fast::dare_multi_")
+    def _dare_multi_fake(out, finetuned, base, threshold, q, seed, keys):
+        return None
+
+    @torch.library.register_fake("ntkcl_fast::magnitude_prune_")
+    def _magnitude_prune_fake(delta, k):
+        return None
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+def _floating(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in _validate.FLOATING:
+        raise TypeError(f"{name} has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+    return t
+
+
+def _pair(finetuned, base, f_name="finetuned", b_name="base") -> None:
+    _floating(finetuned, f_name)
+    _floating(base, b_name)
+    if base.dtype != finetuned.dtype:
+        raise TypeError(f"{f_name} ({finetuned.dtype}) and {b_name} ({base.dtype}) must have the same dtype")
+    if base.shape != finetuned.shape:
+        raise ValueError(f"{f_name} and {b_name} must have the same shape, got "
+                         f"{tuple(finetuned.shape)} and {tuple(base.shape)}")
+    if base.device != finetuned.device:
+        raise ValueError(f"{f_name} and {b_name} must be on one device, got {finetuned.device} and {base.device}")
+
+
+def _q_arg(q, p: float, like: torch.Tensor, name: str = "q") -> tuple[float, torch.Tensor | None]:
+    """(scalar q, per-row q tensor in the math dtype or None)."""
+    if q is None:
+        return (1.0 - p) if p < 1.0 else 1.0, None  # p == 1 keeps nothing: q is never used
+    if isinstance(q, torch.Tensor):
+        if q.dim() != 1 or like.dim() < 2 or q.shape[0] != like.shape[0]:
+            raise ValueError(f"{name} as a tensor must be 1-D with one value per row "
+                             f"({like.shape[0] if like.dim() else 'none'} rows, tensors of 2+ dims), "
+                             f"got shape {tuple(q.shape)} for a tensor of shape {tuple(like.shape)}")
+        if not q.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {q.dtype}")
+        if q.device != like.device:
+            raise ValueError(f"{name} must be on {like.device}, got {q.device}")
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        rows = q.detach().to(acc).contiguous()
+        if not bool(((rows > 0) & torch.isfinite(rows)).all()):
+            raise ValueError(f"{name} must be finite and > 0 in every row")
+        return 1.0, rows
+    if isinstance(q, bool) or not isinstance(q, (int, float)):
+        raise TypeError(f"{name} must be None, a float or a 1-D tensor, got {type(q).__name__}")
+    q = float(q)
+    if not (q > 0.0 and math.isfinite(q)):
+        raise ValueError(f"{name} must be a finite float > 0, got {q}")
+    return q, None
+
+
+def _out_arg(out, finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor | None:
+    if out is None:
+        return None
+    _floating(out, "out")
+    if out.dtype != finetuned.dtype or out.shape != finetuned.shape or out.device != finetuned.device:
+        raise ValueError(f"out must match finetuned in shape, dtype and device: got {tuple(out.shape)} "
+                         f"{out.dtype} {out.device}, want {tuple(finetuned.shape)} {finetuned.dtype} "
+                         f"{finetuned.device}")
+    for name, t in (("finetuned", finetuned), ("base", base)):
+        same = (out.data_ptr() == t.data_ptr() and out.stride() == t.stride())
+        if not same:
+            try:
+                _validate.no_overlap([out], "out", [t], name)
+            except ValueError:
+                raise ValueError(f"out partly overlaps {name}; out may be {name} itself or separate memory") from None
+    return out
+
+
+def _shape_arg(shape) -> tuple[int, ...]:
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (Sequence, torch.Size)) or isinstance(shape, (str, bytes)):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__}")
+    out = []
+    for i, s in enumerate(shape):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"shape[{i}] must be an int >= 0, got {s!r}")
+        out.append(s)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------- kernels
+
+def _kernel(name: str, work: torch.Tensor, fin: torch.Tensor, base: torch.Tensor | None, t: int, q: float,
+            q_rows: torch.Tensor | None, seed: int, key: int) -> None:
+    """work <- merge of contiguous inputs (work may be fin or base)."""
+    if work.numel() == 0:
+        return
+    if name == "triton":
+        from .triton.dare import dare_ as triton_dare_
+        triton_dare_(work, fin, base, t, q, q_rows, seed, key)
+    else:
+        torch.ops.ntkcl_fast.dare_(work, fin, base, t, q, q_rows, as_i64(seed), as_i64(key))
+
+
+def _run_one(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch.Tensor | None, p: float,
+             q: float, q_rows: torch.Tensor | None, seed: int, key: int) -> torch.Tensor:
+    if name == "torch":
+        qq = q_rows if q_rows is not None else q
+        res = (reference.dare(fin, base, p, qq, seed, key) if base is not None
+               else reference.dare_delta(fin, p, qq, seed, key))
+        if out is None:
+            return res
+        return out.copy_(res)
+    fw = fin.contiguous()
+    bw = base.contiguous() if base is not None else None
+    if out is None:
+        work = torch.empty_like(fw, memory_format=torch.contiguous_format)
+    elif out.is_contiguous():
+        work = out  # in place on finetuned/base is fine: each element is read before it is written
+    else:
+        work = torch.empty_like(fw, memory_format=torch.contiguous_format)
+    _kernel(name, work, fw, bw, threshold(p), q, q_rows, seed, key)
+    if out is None:
+        return work
+    if work is not out:
+        out.copy_(work)
+    return out
+
+
+# ------------------------------------------------------------------------------------- public API
+
+def dare_mask(shape, p: float, *, seed: int = 0, key: int = 0, device=None, backend: str = "auto") -> torch.Tensor:
+    """BoolTensor of `shape`, True where DARE keeps the element (the keep rule of docs/API.md)."""
+    shape = _shape_arg(shape)
+    p = _validate.unit_interval(p, "p")
+    seed, key = as_u64(seed, "seed"), as_u64(key, "key")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    name = _backend.resolve(backend, device, "dare_")
+    if name == "torch":
+        return reference.keep_mask(shape, p, seed, key, device)
+    ones = torch.ones(shape, dtype=torch.float32, device=device)
+    _kernel(name, ones, ones, None, threshold(p), 1.0, None, seed, key)
+    return ones != 0
+
+
+@torch.no_grad()
+def dare(finetuned, base, p: float, *, q=None, seed: int = 0, key: int = 0, out=None,
+         backend: str = "auto") -> torch.Tensor:
+    """`base + keep * (finetuned - base) / q`, q = 1 - p by default (DARE), a float or one per row (DAREx-q).
+
+    `out` may be `finetuned` or `base` itself (in place). The math runs in fp32 (fp64 for fp64)
+    and is rounded once.
+    """
+    _pair(finetuned, base)
+    p = _validate.unit_interval(p, "p")
+    qv, q_rows = _q_arg(q, p, finetuned)
+    seed, key = as_u64(seed, "seed"), as_u64(key, "key")
+    out = _out_arg(out, finetuned, base)
+    name = _backend.resolve(backend, finetuned.device, "dare_")
+    return _run_one(name, out, finetuned, base, p, qv, q_rows, seed, key)
+
+
+@torch.no_grad()
+def dare_delta_(delta, p: float, *, q=None, seed: int = 0, key: int = 0, backend: str = "auto") -> torch.Tensor:
+    """In place `delta <- keep * delta / q` (same keep rule and q as `dare`); returns `delta`."""
+    _floating(delta, "delta")
+    p = _validate.unit_interval(p, "p")
+    qv, q_rows = _q_arg(q, p, delta)
+    seed, key = as_u64(seed, "seed"), as_u64(key, "key")
+    name = _backend.resolve(backend, delta.device, "dare_")
+    return _run_one(name, delta, delta, None, p, qv, q_rows, seed, key)
+
+
+def _exclude_arg(exclude) -> list[re.Pattern]:
+    if isinstance(exclude, (str, re.Pattern)):
+        exclude = (exclude,)
+    if not isinstance(exclude, Sequence):
+        raise TypeError(f"exclude must be a regex or a sequence of regexes, got {type(exclude).__name__}")
+    pats = []
+    for i, e in enumerate(exclude):
+        if isinstance(e, re.Pattern):
+            pats.append(e)
+            continue
+        if not isinstance(e, str):
+            raise TypeError(f"exclude[{i}] must be a str regex, got {type(e).__name__}")
+        try:
+            pats.append(re.compile(e))
+        except re.error as exc:
+            raise ValueError(f"exclude[{i}] is not a valid regex ({exc})") from None
+    return pats
+
+
+@torch.no_grad()
+def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed: int = 0, exclude=(),
+                    backend: str = "auto") -> dict:
+    """DARE over a whole state dict: each floating tensor merged with `dare(..., key=tensor_key(name))`.
+
+    `q`: None, a float, or a mapping name -> float or per-row tensor (names missing from it use
+    1 - p). Names matching any `exclude` regex (re.search) and non-floating tensors are returned as
+    the finetuned value. All tensors with a scalar q go in one launch per device (CUDA kernel; the
+    Triton backend takes one launch per dtype), their keys and q in the launch table; tensors with
+    a per-row q take one launch each.
+    """
+    if not isinstance(finetuned, Mapping) or not isinstance(base, Mapping):
+        raise TypeError("finetuned and base must be mappings name -> tensor")
+    if set(finetuned) != set(base):
+        missing = sorted(set(finetuned) ^ set(base))[:5]
+        raise ValueError(f"finetuned and base must have the same keys; differing: {missing}")
+    p = _validate.unit_interval(p, "p")
+    seed = as_u64(seed, "seed")
+    pats = _exclude_arg(exclude)
+    if q is not None and not isinstance(q, Mapping):
+        if isinstance(q, torch.Tensor):
+            raise TypeError("q for a state dict must be None, a float or a mapping name -> float/tensor")
+    if isinstance(q, Mapping):
+        unknown = [k for k in q if k not in finetuned]
+        if unknown:
+            raise ValueError(f"q names tensors that are not in the state dict: {unknown[:5]}")
+    result: dict = {}
+    plan = []  # (name, finetuned, base, q float, q rows)
+    for name, f in finetuned.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state dict keys must be str, got {type(name).__name__}")
+        b = base[name]
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"finetuned[{name!r}] must be a Tensor, got {type(f).__name__}")
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"base[{name!r}] must be a Tensor, got {type(b).__name__}")
+        if not f.is_floating_point() or any(pt.search(name) for pt in pats):
+            result[name] = f
+            continue
+        _pair(f, b, f"finetuned[{name!r}]", f"base[{name!r}]")
+        qn = q.get(name) if isinstance(q, Mapping) else q
+        qv, q_rows = _q_arg(qn, p, f, f"q[{name!r}]" if isinstance(q, Mapping) else "q")
+        plan.append((name, f, b, qv, q_rows))
+        result[name] = None
+    if plan:
+        devices = {f.device for _, f, _, _, _ in plan}
+        names = {d: _backend.resolve(backend, d, "dare_multi_" if backend != "triton" else "dare_") for d in devices}
+        t = threshold(p)
+        batched: dict[torch.device, list] = {}
+        for name, f, b, qv, q_rows in plan:
+            bname = names[f.device]
+            if bname in ("cpu", "cuda", "triton") and q_rows is None:
+                batched.setdefault(f.device, []).append((name, f, b, qv))
+            else:
+                result[name] = _run_one(bname, None, f, b, p, qv, q_rows, seed, tensor_key(name))
+        for device, items in batched.items():
+            fins = [f.contiguous() for _, f, _, _ in items]
+            bases = [b.contiguous() for _, _, b, _ in items]
+            outs = [torch.empty_like(f, memory_format=torch.contiguous_format) for f in fins]
+            qs = [qv for *_, qv in items]
+            if names[device] == "triton":
+                from .triton.dare import dare_multi_ as triton_dare_multi_
+                triton_dare_multi_(outs, fins, bases, t, qs, seed, [tensor_key(n) for n, *_ in items])
+            else:
+                torch.ops.ntkcl_fast.dare_multi_(outs, fins, bases, t, qs, as_i64(seed),
+                                                 [as_i64(tensor_key(n)) for n, *_ in items])
+            for (name, *_), o in zip(items, outs):
+                result[name] = o
+    return {name: result[name] for name in finetuned}
+
+
+@torch.no_grad()
+def magnitude_prune_(delta, density: float, *, backend: str = "auto") -> torch.Tensor:
+    """In place: keep exactly k = round(density * numel) entries of largest |delta| (ties to lower
+    flat index), zero the rest; returns `delta`."""
+    _floating(delta, "delta")
+    density = _validate.unit_interval(density, "density")
+    return prune_k_(delta, round(density * delta.numel()), backend=backend)
+
+
+def prune_k_(delta: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Tensor:
+    """magnitude_prune_ with an explicit count k in [0, numel] (delta already validated)."""
+    name = _backend.resolve(backend, delta.device, "magnitude_prune_")
+    if name == "triton":
+        raise RuntimeError("backend 'triton' has no magnitude_prune_ kernel; use 'cuda', 'cpu' or 'torch'")
+    if delta.numel() == 0:
+        return delta
+    if name == "torch":
+        keep = reference.magnitude_keep(delta, k).reshape(delta.shape)
+        return delta.masked_fill_(~keep, 0)
+    work = delta if delta.is_contiguous() else delta.contiguous()
+    torch.ops.ntkcl_fast.magnitude_prune_(work, k)
+    if work is not delta:
+        delta.copy_(work)
+    return delta
+
+
+# ---------------------------------------------------------------------------------- DAREx rescaling
+
+def darex_q_search(evaluate: Callable[[float], float], *, p: float, coarse=None, fine_steps: int = 5,
+                   maximize: bool = True) -> tuple[float, float]:
+    """DAREx-q search: the q that scores best under the caller's `evaluate(q)`.
+
+    As DAREx's own search: a coarse grid first, then a finer pass of `fine_steps` points on each
+    side of the best coarse value, up to its grid neighbours. The default coarse grid is
+    `(1 - p) * m` for m = 0.5, 0.6, ..., 2.0 (DAREx finds the best q a little above 1 - p at high
+    p). `evaluate` should merge with a fixed `seed` (so the mask is the same for every candidate
+    and only q changes) and return a score (e.g. validation accuracy; `maximize=False` for a
+    loss). Each q is evaluated once. Returns (best q, its score).
+    """
+    p = _validate.unit_interval(p, "p")
+    if not callable(evaluate):
+        raise TypeError("evaluate must be callable q -> score")
+    if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 0:
+        raise ValueError(f"fine_steps must be an int >= 0, got {fine_steps!r}")
+    base_q = max(1.0 - p, 1e-6)
+    if coarse is None:
+        coarse = [base_q * (0.5 + 0.1 * m) for m in range(16)]
+    grid = sorted({float(c) for c in coarse})
+    if not grid or any(not (c > 0 and math.isfinite(c)) for c in grid):
+        raise ValueError("coarse must be a non-empty sequence of finite floats > 0")
+    sign = 1.0 if maximize else -1.0
+    scores: dict[float, float] = {}
+
+    def score(qv: float) -> float:
+        if qv not in scores:
+            scores[qv] = float(evaluate(qv))
+        return scores[qv]
+
+    best = max(grid, key=lambda c: sign * score(c))
+    i = grid.index(best)
+    lo = grid[i - 1] if i > 0 else best / 2
+    hi = grid[i + 1] if i + 1 < len(grid) else best * 1.5
+    fine = [best + (lo - best) * s / (fine_steps + 1) for s in range(1, fine_steps + 1)]
+    fine += [best + (hi - best) * s / (fine_steps + 1) for s in range(1, fine_steps + 1)]
+    for c in fine:
+        if sign * score(c) > sign * score(best):
+            best = c
+    return best, scores[best]
+
+
+def darex_analytic_q(delta_weight: torch.Tensor, mean_input: torch.Tensor, p: float, *, eta: float = 1.0,
+                     gamma: float = 0.0) -> torch.Tensor:
+    """DAREx's analytical per-row q for a linear layer `y = W x` with delta `dW [out, in]`.
+
+    For row r, with the mean input activation `x_bar [in]` and the DARE mask m_i ~ Bernoulli(1 - p),
+    the change of the row's output caused by pruning and rescaling by 1/q is
+    `h_r = sum_i (1 - m_i / q) dW_ri x_bar_i`, with
+
+        E[h_r]   = (1 - (1 - p) / q) * mu_r,     mu_r = sum_i dW_ri x_bar_i
+        Var[h_r] = p (1 - p) / q^2 * s_r,        s_r  = sum_i (dW_ri x_bar_i)^2
+
+    q_r minimizes `E[h_r]^2 + eta * Var[h_r]` (the bias-variance balance of DAREx-q; eta = 1 is the
+    mean squared change), which in closed form is
+
+        q_r = (1 - p) * (1 + eta * p / (1 - p) * s_r / (mu_r^2 + gamma)).
+
+    `eta` >= 0 weighs the variance (eta = 0 gives plain DARE, q = 1 - p); `gamma` >= 0 damps rows
+    whose mean output change mu_r is near zero (with gamma = 0 a row with mu_r = 0 gets 1 - p).
+    q_r >= 1 - p always. Returns fp32 `q [out]`, to pass as `dare(..., q=q)`.
+    """
+    p = _validate.unit_interval(p, "p")
+    if p >= 1.0:
+        raise ValueError("p must be < 1 for an analytical q")
+    if not isinstance(delta_weight, torch.Tensor) or delta_weight.dim() != 2:
+        raise ValueError("delta_weight must be a 2-D tensor [out, in]")
+    if not isinstance(mean_input, torch.Tensor) or mean_input.shape != (delta_weight.shape[1],):
+        raise ValueError(f"mean_input must have shape ({delta_weight.shape[1]},), got "
+                         f"{tuple(getattr(mean_input, 'shape', ()))}")
+    for nm, v in (("eta", eta), ("gamma", gamma)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{nm} must be a finite float >= 0, got {v!r}")
+    w = delta_weight.detach().float()
+    x = mean_input.detach().float().to(w.device)
+    contrib = w * x
+    m = contrib.sum(1)
+    s = (contrib * contrib).sum(1)
+    keep = 1.0 - p
+    ratio = s / (m * m + gamma) if gamma > 0 else torch.where(m != 0, s / (m * m), torch.zeros_like(s))
+    return keep * (1.0 + eta * p / keep * ratio)
