@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 # The torch to install when the environment has none. Pinned so a CPU-only machine gets the
 # CPU build; on a GPU machine pick the build matching your driver, e.g. TORCH_SPEC="torch==2.11.0".
 TORCH_SPEC ?= torch==2.13.0
-DEPS := numpy ninja pybind11 setuptools wheel "triton>=3.0" pytest pytest-benchmark hypothesis expecttest matplotlib
+DEPS := numpy ninja pybind11 setuptools wheel "triton>=3.0" pytest pytest-benchmark hypothesis expecttest matplotlib tqdm safetensors
+# peft for the parity tests of the PEFT-style merge helpers (it brings transformers, pure Python)
+TEST_DEPS := peft
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' 2>/dev/null)
 
 .PHONY: test bench clean info
@@ -16,7 +18,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.deps: $(PY) Makefile
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" $(DEPS)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" $(DEPS) $(TEST_DEPS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
