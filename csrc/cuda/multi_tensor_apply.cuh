@@ -70,23 +70,23 @@ __global__ void __launch_bounds__(kBlock) multi_tensor_kernel(const __grid_const
   functor(table, t, begin, end);
 }
 
-// Launches `functor` over `lists` (Depth lists of equal length; list 0 is the one written).
-// Empty tensors are skipped; lists longer than one table take one launch per table.
-template <int Depth, typename Scalar, typename Functor>
-void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, const std::vector<Scalar>& scalars,
-                        const Functor& functor) {
+// Packs `lists` (Depth lists of equal length; list 0 is the one written) into as few tables as
+// fit and calls launch(table, blocks, first_block) for each, on the lists' device and current
+// stream; first_block counts the blocks of earlier tables. Empty tensors are skipped.
+template <int Depth, typename Scalar, typename Launch>
+void for_each_table(const std::array<at::TensorList, Depth>& lists, const std::vector<Scalar>& scalars,
+                    const Launch& launch) {
   const at::TensorList& first = lists[0];
   if (first.empty()) return;
   const c10::cuda::CUDAGuard guard(first[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Table<Depth, Scalar> table;
   table.count = 0;
   table.first_chunk[0] = 0;
-  auto launch = [&] {
+  int64_t done = 0;
+  auto flush = [&] {
     if (table.count == 0) return;
-    multi_tensor_kernel<Depth, Scalar, Functor>
-        <<<table.first_chunk[table.count], kBlock, 0, stream>>>(table, functor);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(table, table.first_chunk[table.count], done);
+    done += table.first_chunk[table.count];
     table.count = 0;
   };
   constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;
@@ -94,7 +94,7 @@ void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, const st
     const int64_t n = first[i].numel();
     if (n == 0) continue;
     const int64_t chunks = (n + kChunk - 1) / kChunk;
-    if (table.count == kMaxTensors || table.first_chunk[table.count] + chunks > kMaxBlocks) launch();
+    if (table.count == kMaxTensors || table.first_chunk[table.count] + chunks > kMaxBlocks) flush();
     const int t = table.count;
     for (int d = 0; d < Depth; ++d) {
       table.ptr[d][t] = const_cast<void*>(lists[d][i].const_data_ptr());
@@ -105,7 +105,19 @@ void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, const st
     table.first_chunk[t + 1] = static_cast<int32_t>(table.first_chunk[t] + chunks);
     table.count = t + 1;
   }
-  launch();
+  flush();
+}
+
+// Launches `functor` over every chunk of every tensor of `lists`: one launch per table.
+template <int Depth, typename Scalar, typename Functor>
+void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, const std::vector<Scalar>& scalars,
+                        const Functor& functor) {
+  for_each_table<Depth, Scalar>(lists, scalars, [&](const Table<Depth, Scalar>& table, int32_t blocks, int64_t) {
+    // the current stream of the lists' device: for_each_table has switched to it
+    multi_tensor_kernel<Depth, Scalar, Functor>
+        <<<blocks, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(table, functor);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // Eight elements per access: 16 bytes for 2-byte dtypes, 2 x 16 bytes for fp32, 4 x 16 for fp64.
@@ -169,43 +181,16 @@ __global__ void __launch_bounds__(kBlock) multi_tensor_partials_kernel(const __g
 }
 
 // Launches `functor` (which returns each thread's partial sum) over `lists` and writes one sum per
-// chunk to `partials`, which holds chunk_count(lists[0]) doubles. Empty tensors are skipped.
+// chunk to `partials`, which holds chunk_count(lists[0]) doubles.
 template <int Depth, typename Scalar, typename Functor>
 void multi_tensor_apply_partials(const std::array<at::TensorList, Depth>& lists, const std::vector<Scalar>& scalars,
                                  const Functor& functor, double* partials) {
-  const at::TensorList& first = lists[0];
-  if (first.empty()) return;
-  const c10::cuda::CUDAGuard guard(first[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  Table<Depth, Scalar> table;
-  table.count = 0;
-  table.first_chunk[0] = 0;
-  int64_t done = 0;  // slots written by earlier launches
-  auto launch = [&] {
-    if (table.count == 0) return;
+  for_each_table<Depth, Scalar>(lists, scalars,
+                                [&](const Table<Depth, Scalar>& table, int32_t blocks, int64_t first_block) {
     multi_tensor_partials_kernel<Depth, Scalar, Functor>
-        <<<table.first_chunk[table.count], kBlock, 0, stream>>>(table, functor, partials + done);
+        <<<blocks, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(table, functor, partials + first_block);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    done += table.first_chunk[table.count];
-    table.count = 0;
-  };
-  constexpr int64_t kMaxBlocks = (int64_t{1} << 31) - 1;
-  for (size_t i = 0; i < first.size(); ++i) {
-    const int64_t n = first[i].numel();
-    if (n == 0) continue;
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    if (table.count == kMaxTensors || table.first_chunk[table.count] + chunks > kMaxBlocks) launch();
-    const int t = table.count;
-    for (int d = 0; d < Depth; ++d) {
-      table.ptr[d][t] = const_cast<void*>(lists[d][i].const_data_ptr());
-      table.dtype[d][t] = dtype_code(lists[d][i].scalar_type());
-    }
-    table.numel[t] = n;
-    table.scalar[t] = scalars.empty() ? Scalar(0) : scalars[i];
-    table.first_chunk[t + 1] = static_cast<int32_t>(table.first_chunk[t] + chunks);
-    table.count = t + 1;
-  }
-  launch();
+  });
 }
 
 // out[0] = float(scale * sum(partials[0, n))), added in a fixed order by one block. A template, so
