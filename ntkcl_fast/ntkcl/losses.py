@@ -48,7 +48,7 @@ def ntkcl_contrastive_eager(features, labels, *, temperature=0.1):
 
 
 def l2_penalty_eager(params, anchors, *, lam=1.0):
-    total = sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchors))
+    total = sum(((p - a.to(p.dtype)) ** 2).sum() for p, a in zip(params, anchors))
     return lam * total
 
 
