@@ -1,0 +1,306 @@
+"""Orthogonality penalties and NTK-CL's feature losses.
+
+`feature_orthogonality`, `prototype_basis`, `projection_residual`, `gram_orthogonality`,
+`cross_orthogonality`, `ntkcl_contrastive` (docs/API.md, "Orthogonality and feature losses").
+
+Every loss is a 0-d tensor in fp32 (fp64 when an input is fp64), differentiable with respect
+to every floating input that requires grad; gradients come back in each input's dtype.
+Math runs in fp32 for fp16/bf16/fp32 inputs. Zero-norm rows are normalized as
+`x / max(||x||, 1e-12)` (torch.nn.functional.normalize), so they give cosines of 0, never NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _validate
+from .reference import ortho as reference
+
+EPS = reference.EPS
+_REDUCTIONS_FO = ("mean", "sum")
+_REDUCTIONS_PR = ("sum", "sumsq")
+_NORMS = ("l1", "fro2")
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _matrix(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in _validate.FLOATING:
+        raise TypeError(f"{name} has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _choice(value, name: str, allowed: tuple) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _out_dtype(*tensors) -> torch.dtype:
+    return reference.math_dtype(*[t.dtype for t in tensors])
+
+
+def _zero(device, dtype, *tensors) -> torch.Tensor:
+    """0 that still carries a (zero) gradient to the inputs, for empty inputs."""
+    out = torch.zeros((), dtype=dtype, device=device)
+    for t in tensors:
+        if t.requires_grad:
+            out = out + t.sum().to(dtype) * 0
+    return out
+
+
+def _layer_lists(old, new):
+    old = _validate.tensor_list(old, "old")
+    new = _validate.tensor_list(new, "new")
+    _validate.same_length(old, "old", new, "new")
+    for i, (a, b) in enumerate(zip(old, new)):
+        _matrix(a, f"old[{i}]")
+        _matrix(b, f"new[{i}]")
+        if a.shape[1] != b.shape[1]:
+            raise ValueError(f"old[{i}] and new[{i}] must have the same number of columns, "
+                             f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    return old, new
+
+
+# ----------------------------------------------------------------------------- dispatch helpers
+
+def _resolve(backend, device: torch.device, op: str) -> str:
+    """`_backend.resolve`, also when the installed extension predates the ortho ops."""
+    if _backend._C is not None and not hasattr(torch.ops.ntkcl_fast, op) and backend in ("auto", "cpu", "cuda"):
+        if backend == "auto":
+            return "torch"
+        raise RuntimeError(f"backend {backend!r} is not available: the installed ntkcl_fast._C has no {op} op; "
+                           "reinstall with `pip install --no-build-isolation .`")
+    return _backend.resolve(backend, device, op)
+
+
+def _fused(name: str):
+    """The module holding the fused implementation for backend `name` (cpu/cuda share the ops)."""
+    if name == "triton":
+        from .triton import ortho as triton_ortho
+        return triton_ortho
+    return None
+
+
+# ----------------------------------------------------------------------------- public API
+
+def feature_orthogonality(features, prototypes, *, normalize: bool = True, reduction: str = "mean",
+                          backend: str = "auto") -> torch.Tensor:
+    """Squared cosine (dot when not `normalize`) between every row of `features [B, D]` and every
+    row of `prototypes [K, D]`; `reduction` "mean" (over B*K) or "sum"."""
+    _matrix(features, "features")
+    _matrix(prototypes, "prototypes")
+    if features.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"features and prototypes must have the same number of columns, "
+                         f"got {tuple(features.shape)} and {tuple(prototypes.shape)}")
+    _flag(normalize, "normalize")
+    _choice(reduction, "reduction", _REDUCTIONS_FO)
+    device = _validate.one_device([("features", [features]), ("prototypes", [prototypes])])
+    name = _resolve(backend, device, "feature_orthogonality")
+    dtype = _out_dtype(features, prototypes)
+    if features.numel() == 0 or prototypes.numel() == 0:
+        return _zero(device, dtype, features, prototypes)
+    if name == "torch":
+        return reference.feature_orthogonality(features, prototypes, normalize, reduction).to(dtype)
+    return _FeatureOrthogonality.apply(name, normalize, reduction == "mean", features, prototypes)
+
+
+def prototype_basis(prototypes, rank: int) -> torch.Tensor:
+    """`U[:, :rank]` of `torch.linalg.svd(F.normalize(prototypes.T, dim=0), full_matrices=True)`.
+
+    Computed once per task (NTK-CL recomputes it every step); not differentiable. The result is
+    fp32 (fp64 for fp64 prototypes), shape [D, rank], with 0 <= rank <= D.
+    """
+    _matrix(prototypes, "prototypes")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    d = prototypes.shape[1]
+    if not 0 <= rank <= d:
+        raise ValueError(f"rank must be in [0, D={d}] for prototypes of shape {tuple(prototypes.shape)}, got {rank}")
+    if prototypes.shape[0] == 0:
+        raise ValueError("prototypes must have at least one row")
+    return reference.prototype_basis(prototypes.detach(), rank)
+
+
+def projection_residual(features, basis, *, normalize: bool = True, reduction: str = "sum",
+                        backend: str = "auto") -> torch.Tensor:
+    """`r = f - f @ basis @ basis.T` with `f` the (row-normalized) features; `r.sum()` for
+    reduction "sum" (NTK-CL's signed sum) or `(r ** 2).sum()` for "sumsq"."""
+    _matrix(features, "features")
+    _matrix(basis, "basis")
+    if basis.shape[0] != features.shape[1]:
+        raise ValueError(f"basis must have D={features.shape[1]} rows (features is {tuple(features.shape)}), "
+                         f"got shape {tuple(basis.shape)}")
+    _flag(normalize, "normalize")
+    _choice(reduction, "reduction", _REDUCTIONS_PR)
+    device = _validate.one_device([("features", [features]), ("basis", [basis])])
+    name = _resolve(backend, device, "projection_residual")
+    dtype = _out_dtype(features, basis)
+    if features.numel() == 0:
+        return _zero(device, dtype, features, basis)
+    if name == "torch":
+        return reference.projection_residual(features, basis, normalize, reduction).to(dtype)
+    return _ProjectionResidual.apply(name, normalize, reduction == "sumsq", features, basis)
+
+
+def gram_orthogonality(weights, *, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
+    """sum over the list of `W [N, D]` of mean (or sum) of `(W @ W.T - I) ** 2` (CODA-Prompt)."""
+    weights = _validate.tensor_list(weights, "weights")
+    for i, w in enumerate(weights):
+        _matrix(w, f"weights[{i}]")
+    _choice(reduction, "reduction", _REDUCTIONS_FO)
+    device = _validate.one_device([("weights", weights)]) or torch.device("cpu")
+    name = _resolve(backend, device, "gram_orthogonality")
+    dtype = _out_dtype(*weights)
+    live = [w for w in weights if w.shape[0] > 0]
+    if not live:
+        return _zero(device, dtype, *weights)
+    if name == "torch":
+        return reference.gram_orthogonality(weights, reduction).to(dtype)
+    out = _GramOrthogonality.apply(name, reduction == "mean", *live)
+    return out if len(live) == len(weights) else out + _zero(device, dtype, *weights)
+
+
+def cross_orthogonality(old, new, *, norm: str = "l1", backend: str = "auto") -> torch.Tensor:
+    """sum over layers of `|old_l @ new_l.T|.sum()` ("l1", O-LoRA) or `((old_l @ new_l.T) ** 2).sum()`
+    ("fro2"), `old_l [r_l, D_l]`, `new_l [s_l, D_l]`."""
+    old, new = _layer_lists(old, new)
+    _choice(norm, "norm", _NORMS)
+    device = _validate.one_device([("old", old), ("new", new)]) or torch.device("cpu")
+    name = _resolve(backend, device, "cross_orthogonality")
+    dtype = _out_dtype(*old, *new)
+    keep = [i for i in range(len(old)) if old[i].numel() and new[i].numel()]
+    if not keep:
+        return _zero(device, dtype, *old, *new)
+    if name == "torch":
+        return reference.cross_orthogonality(old, new, norm).to(dtype)
+    tensors = [old[i] for i in keep] + [new[i] for i in keep]
+    out = _CrossOrthogonality.apply(name, norm == "l1", len(keep), *tensors)
+    return out if len(keep) == len(old) else out + _zero(device, dtype, *old, *new)
+
+
+def ntkcl_contrastive(features, labels, *, temperature: float = 0.1, backend: str = "auto") -> torch.Tensor:
+    """NTK-CL's mutual-information term on `features [N, D]`, `labels [N]` (integer):
+    with `S = norm(f) @ norm(f).T / t`,
+    `-log(sum_{i != j, y_i == y_j} exp(S_ij)) + mean_i logsumexp_{j != i} S_ij`,
+    computed with stable log-sum-exps (fine for t in [0.01, 1]); `+inf` (with a zero gradient)
+    when no two rows share a label, as in NTK-CL's code."""
+    _matrix(features, "features")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(f"labels must be an integer or bool tensor, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(f"labels must have shape [N={features.shape[0]}], got {tuple(labels.shape)}")
+    temperature = _validate.finite_float(temperature, "temperature")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = _validate.one_device([("features", [features]), ("labels", [labels])])
+    name = _resolve(backend, device, "ntkcl_contrastive")
+    dtype = _out_dtype(features)
+    if name == "torch" or features.shape[0] == 0:
+        return reference.ntkcl_contrastive(features, labels, temperature).to(dtype)
+    return _NtkclContrastive.apply(name, temperature, features, labels)
+
+
+# ----------------------------------------------------------------------------- autograd over fused ops
+# (filled in by the fused backends)
+
+class _FeatureOrthogonality(torch.autograd.Function):
+    pass
+
+
+class _ProjectionResidual(torch.autograd.Function):
+    pass
+
+
+class _GramOrthogonality(torch.autograd.Function):
+    pass
+
+
+class _CrossOrthogonality(torch.autograd.Function):
+    pass
+
+
+class _NtkclContrastive(torch.autograd.Function):
+    pass
+
+
+# ----------------------------------------------------------------------------- modules
+
+class FeatureOrthogonality(torch.nn.Module):
+    """Module form of `feature_orthogonality`: `forward(features, prototypes)`."""
+
+    def __init__(self, *, normalize: bool = True, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.normalize, self.reduction, self.backend = normalize, reduction, backend
+
+    def forward(self, features, prototypes):
+        return feature_orthogonality(features, prototypes, normalize=self.normalize,
+                                     reduction=self.reduction, backend=self.backend)
+
+
+class ProjectionResidual(torch.nn.Module):
+    """Module form of `projection_residual` with a fixed basis (a buffer), e.g. from
+    `prototype_basis` of the previous tasks' prototypes: `forward(features)`."""
+
+    def __init__(self, basis: torch.Tensor, *, normalize: bool = True, reduction: str = "sum",
+                 backend: str = "auto"):
+        super().__init__()
+        self.register_buffer("basis", basis.detach())
+        self.normalize, self.reduction, self.backend = normalize, reduction, backend
+
+    @classmethod
+    def from_prototypes(cls, prototypes: torch.Tensor, rank: int, **kwargs) -> "ProjectionResidual":
+        return cls(prototype_basis(prototypes, rank), **kwargs)
+
+    def forward(self, features):
+        return projection_residual(features, self.basis, normalize=self.normalize,
+                                   reduction=self.reduction, backend=self.backend)
+
+
+class GramOrthogonality(torch.nn.Module):
+    """Module form of `gram_orthogonality`: `forward(weights)`."""
+
+    def __init__(self, *, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, weights):
+        return gram_orthogonality(weights, reduction=self.reduction, backend=self.backend)
+
+
+class CrossOrthogonality(torch.nn.Module):
+    """Module form of `cross_orthogonality`: `forward(old, new)`."""
+
+    def __init__(self, *, norm: str = "l1", backend: str = "auto"):
+        super().__init__()
+        self.norm, self.backend = norm, backend
+
+    def forward(self, old, new):
+        return cross_orthogonality(old, new, norm=self.norm, backend=self.backend)
+
+
+class NtkclContrastive(torch.nn.Module):
+    """Module form of `ntkcl_contrastive`: `forward(features, labels)`."""
+
+    def __init__(self, *, temperature: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.backend = temperature, backend
+
+    def forward(self, features, labels):
+        return ntkcl_contrastive(features, labels, temperature=self.temperature, backend=self.backend)
+
+
+__all__ = ["CrossOrthogonality", "FeatureOrthogonality", "GramOrthogonality", "NtkclContrastive",
+           "ProjectionResidual", "cross_orthogonality", "feature_orthogonality", "gram_orthogonality",
+           "ntkcl_contrastive", "projection_residual", "prototype_basis"]
