@@ -40,10 +40,15 @@ def ntkcl_contrastive_eager(features, labels, *, temperature=0.1):
     n = features.shape[0]
     f = F.normalize(features, dim=1)
     s = f @ f.T / temperature
-    eye = torch.eye(n, dtype=torch.bool, device=features.device)
-    pos = (labels[:, None] == labels[None, :]) & ~eye
-    positive = -torch.log(torch.exp(s[pos]).sum())
-    negative = torch.logsumexp(s[~eye].view(n, n - 1), dim=1).mean()
+    off = ~torch.eye(n, dtype=torch.bool, device=features.device)
+    pos = (labels[:, None] == labels[None, :]) & off
+    neg_inf = torch.full_like(s, float("-inf"))
+    # -log(sum(exp(S_pos))) of the official code, as a log-sum-exp over the masked matrix (same value;
+    # +inf for no positive pair). The value is a difference of two terms of size ~1/t, so the masked
+    # full-matrix form is kept: it rounds like the fused op and the comparison measures the op, not
+    # the summation order.
+    positive = -torch.logsumexp(torch.where(pos, s, neg_inf).reshape(-1), dim=0)
+    negative = torch.logsumexp(torch.where(off, s, neg_inf), dim=1).mean()
     return positive + negative
 
 
