@@ -1,7 +1,7 @@
 """The NTK-CL learner: PEFT modules on a frozen ViT, the loss, the per-task steps, evaluation."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,6 @@ class NTKCLConfig:
     gamma: float = 0.3             # eval weight of the EMA-PEFT feature section
     ema_after_last_task: bool = False  # the official code skips the EMA update after the last task
     fused: bool = True             # ntkcl_fast ops (True) or eager PyTorch (False) for the regularizers
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.residual not in RESIDUALS:
