@@ -40,6 +40,22 @@ TORCH_LIBRARY(ntkcl_fast, m) {
         "int[] keys) -> ()");
   // keep exactly the k entries of largest |delta| (ties to lower flat index), zero the rest.
   m.def("magnitude_prune_(Tensor(a!) delta, int k) -> ()");
+  // Orthogonality and feature losses (docs/API.md): 0-d value in fp32 (fp64 when an input is fp64)
+  // and closed-form gradients in each input's dtype; rows normalized as x / max(||x||, 1e-12).
+  m.def("feature_orthogonality(Tensor features, Tensor prototypes, bool normalize, bool mean) -> Tensor");
+  m.def("feature_orthogonality_backward(Tensor grad_output, Tensor features, Tensor prototypes, bool normalize, "
+        "bool mean) -> (Tensor, Tensor)");
+  m.def("projection_residual(Tensor features, Tensor basis, bool normalize, bool sumsq) -> Tensor");
+  m.def("projection_residual_backward(Tensor grad_output, Tensor features, Tensor basis, bool normalize, "
+        "bool sumsq) -> (Tensor, Tensor)");
+  m.def("gram_orthogonality(Tensor[] weights, bool mean) -> Tensor");
+  m.def("gram_orthogonality_backward(Tensor grad_output, Tensor[] weights, bool mean) -> Tensor[]");
+  m.def("cross_orthogonality(Tensor[] old, Tensor[] new, bool l1) -> Tensor");
+  m.def("cross_orthogonality_backward(Tensor grad_output, Tensor[] old, Tensor[] new, bool l1) "
+        "-> (Tensor[], Tensor[])");
+  m.def("ntkcl_contrastive(Tensor features, Tensor labels, float temperature) -> Tensor");
+  m.def("ntkcl_contrastive_backward(Tensor grad_output, Tensor features, Tensor labels, float temperature) "
+        "-> Tensor");
 }
 
 #ifdef NTKCL_PYTHON_MODULE

@@ -80,15 +80,16 @@ def _resolve(backend, device: torch.device, op: str) -> str:
             return "torch"
         raise RuntimeError(f"backend {backend!r} is not available: the installed ntkcl_fast._C has no {op} op; "
                            "reinstall with `pip install --no-build-isolation .`")
-    return _backend.resolve(backend, device, op)
+    name = _backend.resolve(backend, device, op)
+    if name == "triton" and op not in _TRITON_OPS:
+        if backend == "auto":
+            return "torch"
+        raise RuntimeError(f"backend 'triton' is not available: {op} has no Triton kernel yet; "
+                           "use backend='cuda' (compiled) or 'torch'")
+    return name
 
 
-def _fused(name: str):
-    """The module holding the fused implementation for backend `name` (cpu/cuda share the ops)."""
-    if name == "triton":
-        from .triton import ortho as triton_ortho
-        return triton_ortho
-    return None
+_TRITON_OPS = ("feature_orthogonality",)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -213,26 +214,146 @@ def ntkcl_contrastive(features, labels, *, temperature: float = 0.1, backend: st
 
 
 # ----------------------------------------------------------------------------- autograd over fused ops
-# (filled in by the fused backends)
+# Forward: one fused value op. Backward: one op that recomputes the small products and writes the
+# closed-form gradient (no autograd graph of temporaries). cpu and cuda run the ntkcl_fast:: ops;
+# triton runs the launchers of ntkcl_fast/triton/ortho.py with the same signatures.
+
+def _ops(name: str):
+    if name == "triton":
+        from .triton import ortho as triton_ortho
+        return triton_ortho
+    return torch.ops.ntkcl_fast
+
+
+def _go(grad_output: torch.Tensor) -> torch.Tensor:
+    return grad_output.detach().contiguous()
+
+
+def _need(ctx, first: int, tensors, grads):
+    return [g if ctx.needs_input_grad[first + i] else None for i, g in enumerate(grads)]
+
 
 class _FeatureOrthogonality(torch.autograd.Function):
-    pass
+    @staticmethod
+    def forward(ctx, name, normalize, mean, features, prototypes):
+        ctx.name, ctx.normalize, ctx.mean = name, normalize, mean
+        ctx.save_for_backward(features, prototypes)
+        return _ops(name).feature_orthogonality(features.contiguous(), prototypes.contiguous(), normalize, mean)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        f, p = ctx.saved_tensors
+        df, dp = _ops(ctx.name).feature_orthogonality_backward(_go(grad_output), f.contiguous(), p.contiguous(),
+                                                                ctx.normalize, ctx.mean)
+        return (None, None, None, *_need(ctx, 3, (f, p), (df, dp)))
 
 
 class _ProjectionResidual(torch.autograd.Function):
-    pass
+    @staticmethod
+    def forward(ctx, name, normalize, sumsq, features, basis):
+        ctx.name, ctx.normalize, ctx.sumsq = name, normalize, sumsq
+        ctx.save_for_backward(features, basis)
+        return _ops(name).projection_residual(features.contiguous(), basis.contiguous(), normalize, sumsq)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        f, u = ctx.saved_tensors
+        df, du = _ops(ctx.name).projection_residual_backward(_go(grad_output), f.contiguous(), u.contiguous(),
+                                                              ctx.normalize, ctx.sumsq)
+        return (None, None, None, *_need(ctx, 3, (f, u), (df, du)))
 
 
 class _GramOrthogonality(torch.autograd.Function):
-    pass
+    @staticmethod
+    def forward(ctx, name, mean, *weights):
+        ctx.name, ctx.mean = name, mean
+        ctx.save_for_backward(*weights)
+        return _ops(name).gram_orthogonality([w.contiguous() for w in weights], mean)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weights = ctx.saved_tensors
+        grads = _ops(ctx.name).gram_orthogonality_backward(_go(grad_output), [w.contiguous() for w in weights],
+                                                           ctx.mean)
+        return (None, None, *_need(ctx, 2, weights, grads))
 
 
 class _CrossOrthogonality(torch.autograd.Function):
-    pass
+    @staticmethod
+    def forward(ctx, name, l1, n, *tensors):
+        ctx.name, ctx.l1, ctx.n = name, l1, n
+        ctx.save_for_backward(*tensors)
+        t = [x.contiguous() for x in tensors]
+        return _ops(name).cross_orthogonality(t[:n], t[n:], l1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        tensors = ctx.saved_tensors
+        n = ctx.n
+        t = [x.contiguous() for x in tensors]
+        d_old, d_new = _ops(ctx.name).cross_orthogonality_backward(_go(grad_output), t[:n], t[n:], ctx.l1)
+        return (None, None, None, *_need(ctx, 3, tensors, list(d_old) + list(d_new)))
 
 
 class _NtkclContrastive(torch.autograd.Function):
-    pass
+    @staticmethod
+    def forward(ctx, name, temperature, features, labels):
+        ctx.name, ctx.temperature = name, temperature
+        ctx.save_for_backward(features, labels)
+        return _ops(name).ntkcl_contrastive(features.contiguous(), labels.contiguous(), temperature)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        f, labels = ctx.saved_tensors
+        df = _ops(ctx.name).ntkcl_contrastive_backward(_go(grad_output), f.contiguous(), labels.contiguous(),
+                                                       ctx.temperature)
+        return None, None, df if ctx.needs_input_grad[2] else None, None
+
+
+if _backend._C is not None and hasattr(torch.ops.ntkcl_fast, "feature_orthogonality"):
+    def _value(*tensors):
+        dtype = _out_dtype(*tensors)
+        return tensors[0].new_empty((), dtype=dtype)
+
+    @torch.library.register_fake("ntkcl_fast::feature_orthogonality")
+    def _fo_fake(features, prototypes, normalize, mean):
+        return _value(features, prototypes)
+
+    @torch.library.register_fake("ntkcl_fast::feature_orthogonality_backward")
+    def _fo_bwd_fake(grad_output, features, prototypes, normalize, mean):
+        return torch.empty_like(features), torch.empty_like(prototypes)
+
+    @torch.library.register_fake("ntkcl_fast::projection_residual")
+    def _pr_fake(features, basis, normalize, sumsq):
+        return _value(features, basis)
+
+    @torch.library.register_fake("ntkcl_fast::projection_residual_backward")
+    def _pr_bwd_fake(grad_output, features, basis, normalize, sumsq):
+        return torch.empty_like(features), torch.empty_like(basis)
+
+    @torch.library.register_fake("ntkcl_fast::gram_orthogonality")
+    def _gram_fake(weights, mean):
+        return _value(*weights)
+
+    @torch.library.register_fake("ntkcl_fast::gram_orthogonality_backward")
+    def _gram_bwd_fake(grad_output, weights, mean):
+        return [torch.empty_like(w) for w in weights]
+
+    @torch.library.register_fake("ntkcl_fast::cross_orthogonality")
+    def _cross_fake(old, new, l1):
+        return _value(*old, *new)
+
+    @torch.library.register_fake("ntkcl_fast::cross_orthogonality_backward")
+    def _cross_bwd_fake(grad_output, old, new, l1):
+        return [torch.empty_like(t) for t in old], [torch.empty_like(t) for t in new]
+
+    @torch.library.register_fake("ntkcl_fast::ntkcl_contrastive")
+    def _nc_fake(features, labels, temperature):
+        return _value(features)
+
+    @torch.library.register_fake("ntkcl_fast::ntkcl_contrastive_backward")
+    def _nc_bwd_fake(grad_output, features, labels, temperature):
+        return torch.empty_like(features)
 
 
 # ----------------------------------------------------------------------------- modules

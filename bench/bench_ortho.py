@@ -1,0 +1,180 @@
+"""Orthogonality and feature-loss benchmark: rows of the table (`rows(device, quick)`).
+
+Cases (forward + backward, gradients to every input that trains):
+- NTK-CL: `feature_orthogonality` of B=256 features against K=200 class prototypes (D 768 and
+  2304), `projection_residual` against a rank-40 prototype basis, `ntkcl_contrastive` on N=256.
+- CODA-Prompt: `gram_orthogonality` over the prompt lists (5 layers x [100 components, 768]
+  keys, attention vectors and prompts [100, 8 * 768]).
+- O-LoRA: `cross_orthogonality` over 12 or 24 layers x (q, v) of rank 8 LoRA A matrices,
+  D 768 to 4096, against the concatenated old tasks' A matrices (rank 8 x 4 tasks).
+
+Baselines: eager autograd as the anchor projects write it, and the same code under
+`torch.compile`. Row keys: op, case, dtype, backend, ms, ms_min, flops (of the matrix
+products, forward + backward), gflops, peak_mb (CUDA: torch.cuda.max_memory_allocated over
+one call; CPU: not measured, None), speedup_vs_eager, speedup_vs_compile.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ntkcl_fast  # noqa: E402
+
+try:  # the shared timer of the table runner, when present
+    from bench import sync, time_ms  # noqa: E402
+except ImportError:
+    def sync(device: str) -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def time_ms(fn, device: str, *, warmup: int = 2, min_reps: int = 7, min_seconds: float = 1.0) -> dict:
+        if device == "cuda":
+            from triton.testing import do_bench
+            times = list(do_bench(fn, return_mode="all"))
+        else:
+            for _ in range(warmup):
+                fn()
+            times, began = [], time.perf_counter()
+            while len(times) < min_reps or time.perf_counter() - began < min_seconds:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return {"ms": statistics.median(times), "ms_min": min(times), "reps": len(times)}
+
+
+# ---------------------------------------------------------------- eager code of the anchor projects
+def eager_feature_orthogonality(f, p):
+    return ((F.normalize(f, dim=1) @ F.normalize(p, dim=1).T) ** 2).mean()
+
+
+def eager_projection_residual(f, u):  # NTK-CL: signed sum of the residual
+    f = F.normalize(f, dim=1)
+    return (f - f @ u @ u.T).sum()
+
+
+def eager_gram(ws):  # CODA-Prompt ortho_penalty
+    return sum(((w @ w.T - torch.eye(w.shape[0], device=w.device, dtype=w.dtype)) ** 2).mean() for w in ws)
+
+
+def eager_cross(old, new):  # O-LoRA: sum of |A_old A_new^T|
+    return sum(torch.abs(a @ b.T).sum() for a, b in zip(old, new))
+
+
+def eager_contrastive(f, labels, t=0.1):
+    f = F.normalize(f, dim=1)
+    n = f.shape[0]
+    s = f @ f.T / t
+    eye = torch.eye(n, dtype=torch.bool, device=f.device)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    ninf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    return -torch.logsumexp(torch.where(pos, s, ninf).reshape(-1), 0) + torch.logsumexp(torch.where(eye, ninf, s),
+                                                                                        1).mean()
+
+
+# ---------------------------------------------------------------- cases
+def _cases(device: str, quick: bool):
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape, grad=True, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(grad)
+
+    dims = [768] if quick else [768, 2304]
+    for d in dims:
+        f, p = r(256, d), r(200, d)
+        yield ("feature_orthogonality", f"NTK-CL B256 K200 D{d}", (f, p), 3 * 2 * 256 * 200 * d,
+               eager_feature_orthogonality, lambda f, p, b: ntkcl_fast.feature_orthogonality(f, p, backend=b))
+        u = ntkcl_fast.prototype_basis(torch.randn(200, d, generator=gen), 40).to(device)
+        yield ("projection_residual", f"NTK-CL B256 D{d} rank40", (r(256, d), u), 2 * 2 * 256 * d * 40,
+               eager_projection_residual, lambda f, u, b: ntkcl_fast.projection_residual(f, u, backend=b))
+        labels = torch.randint(0, 20, (256,), generator=gen).to(device)
+        yield ("ntkcl_contrastive", f"NTK-CL N256 D{d}", (r(256, d), labels), 3 * 2 * 256 * 256 * d,
+               eager_contrastive, lambda f, y, b: ntkcl_fast.ntkcl_contrastive(f, y, backend=b))
+    coda = [r(100, 768) for _ in range(5)] * 2 + [r(100, 8 * 768) for _ in range(5)]
+    yield ("gram_orthogonality", "CODA-P 5 layers K/A/P", (coda,),
+           sum(3 * 2 * w.shape[0] ** 2 * w.shape[1] for w in coda),
+           eager_gram, lambda ws, b: ntkcl_fast.gram_orthogonality(ws, backend=b))
+    for layers, d in ([(12, 768)] if quick else [(12, 768), (24, 1024), (24, 4096)]):
+        old = [r(32, d, grad=False) for _ in range(2 * layers)]  # 4 old tasks x rank 8, q and v
+        new = [r(8, d) for _ in range(2 * layers)]
+        yield ("cross_orthogonality", f"O-LoRA {layers} layers q,v r8 D{d}", (old, new),
+               2 * layers * 3 * 2 * 32 * 8 * d,
+               eager_cross, lambda o, n, b: ntkcl_fast.cross_orthogonality(o, n, backend=b))
+
+
+def _leaves(args):
+    return [t for a in args for t in (a if isinstance(a, list) else [a])
+            if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _step(fn, args):
+    leaves = _leaves(args)
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn(*args).backward()
+    return run
+
+
+def _peak_mb(run, device):
+    if device != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def rows(device: str = "cpu", quick: bool = True) -> list[dict]:
+    """Forward + backward of each case: eager, torch.compile(eager), and every available backend."""
+    avail = ntkcl_fast.backends()
+    ours = [b for b in ("cpu", "cuda", "triton") if avail[b] and (b != "cpu" or device == "cpu")
+            and (b != "cuda" or device == "cuda") and (b != "triton" or device == "cuda")]
+    out = []
+    for op, case, args, flops, eager, fast in _cases(device, quick):
+        impls = {"eager": _step(eager, args)}
+        try:
+            impls["torch.compile"] = _step(torch.compile(eager), args)
+            impls["torch.compile"]()
+        except Exception:  # noqa: BLE001 - no compiler on this machine: the row says so
+            impls.pop("torch.compile")
+        for b in ours:
+            try:
+                impls[b] = _step(lambda *a, b=b: fast(*a, b), args)
+                impls[b]()
+            except (RuntimeError, NotImplementedError):
+                impls.pop(b)
+        times = {name: time_ms(run, device) for name, run in impls.items()}
+        for name, t in times.items():
+            out.append({
+                "op": op, "case": case, "dtype": "fp32", "backend": name, "ms": t["ms"], "ms_min": t["ms_min"],
+                "flops": flops, "gflops": flops / t["ms"] / 1e6, "peak_mb": _peak_mb(impls[name], device),
+                "speedup_vs_eager": times["eager"]["ms"] / t["ms"],
+                "speedup_vs_compile": (times["torch.compile"]["ms"] / t["ms"]) if "torch.compile" in times else None,
+            })
+    return out
+
+
+def _table(rs: list[dict]) -> str:
+    lines = ["| op | case | backend | ms | GFLOP/s | peak MB | vs eager | vs compile |", "|---|---|---|---|---|---|---|---|"]
+    for r in rs:
+        vc = f"{r['speedup_vs_compile']:.2f}x" if r["speedup_vs_compile"] else "-"
+        pk = f"{r['peak_mb']:.1f}" if r["peak_mb"] is not None else "-"
+        lines.append(f"| {r['op']} | {r['case']} | {r['backend']} | {r['ms']:.3f} | {r['gflops']:.1f} | {pk} | "
+                     f"{r['speedup_vs_eager']:.2f}x | {vc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(_table(rows(dev, quick="--full" not in sys.argv)))

@@ -1,0 +1,279 @@
+// Orthogonality penalties and NTK-CL feature losses: forward value and closed-form backward,
+// shared by the CPU (cpu/ortho.cpp) and CUDA (cuda/ortho.cu) registrations.
+//
+// The matrix products go to ATen (MKL/oneDNN on CPU, cuBLAS on CUDA); everything around them is
+// closed form: the backward recomputes the small B x K / N x N products instead of keeping an
+// autograd graph of temporaries, and the projection residual never forms the B x D residual nor
+// a D x D matrix (its value and gradient use only f @ U [B, r] and U^T U [r, r]).
+// Math in fp32, fp64 when an input is fp64; gradients are rounded once to each input's dtype.
+// Row normalization is x / max(||x||, kEps), kEps = 1e-12 (torch.nn.functional.normalize).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace ntkcl_fast {
+namespace ortho {
+
+constexpr double kEps = 1e-12;
+
+inline at::ScalarType acc_type(std::initializer_list<at::ScalarType> types) {
+  for (auto t : types)
+    if (t == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+inline at::ScalarType acc_type_of(at::TensorList a, at::TensorList b = {}) {
+  for (const auto& t : a)
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  for (const auto& t : b)
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+inline void check_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating, got ", t.scalar_type());
+}
+
+// Row-normalized copy and max(||x||, eps) per row (both in the math dtype). Dividing (not
+// multiplying by a reciprocal) keeps x / ||x|| exact where it can be, as F.normalize does.
+struct Normalized {
+  at::Tensor x, norm;
+};
+
+inline Normalized normalize_rows(const at::Tensor& x) {
+  at::Tensor norm = x.norm(2, {1}, /*keepdim=*/true).clamp_min(kEps);
+  return {x / norm, norm};
+}
+
+// Gradient of x -> x / max(||x||, eps) given the gradient dn at the normalized rows n:
+// (dn - n * <dn, n>) / ||x|| when ||x|| > eps, dn / eps otherwise (the clamp has zero slope).
+inline at::Tensor normalize_backward(const at::Tensor& dn, const Normalized& n) {
+  at::Tensor live = n.norm.gt(kEps);
+  at::Tensor dot = (dn * n.x).sum(1, true);
+  return (dn - n.x * (dot * live)) / n.norm;
+}
+
+inline at::Tensor zero_d(const at::Tensor& like, at::ScalarType acc) {
+  return at::zeros({}, like.options().dtype(acc));
+}
+
+// ---------------------------------------------------------------- feature orthogonality
+inline at::Tensor feature_orthogonality(const at::Tensor& features, const at::Tensor& prototypes, bool normalize,
+                                        bool mean) {
+  check_matrix(features, "features");
+  check_matrix(prototypes, "prototypes");
+  TORCH_CHECK(features.size(1) == prototypes.size(1), "features and prototypes must have the same columns");
+  const auto acc = acc_type({features.scalar_type(), prototypes.scalar_type()});
+  at::Tensor f = features.to(acc), p = prototypes.to(acc);
+  if (features.numel() == 0 || prototypes.numel() == 0) return zero_d(features, acc);
+  if (normalize) {
+    f = normalize_rows(f).x;
+    p = normalize_rows(p).x;
+  }
+  at::Tensor s = at::mm(f, p.t());
+  at::Tensor v = s.square().sum();
+  if (mean) v = v / static_cast<double>(s.numel());
+  return v;
+}
+
+inline std::tuple<at::Tensor, at::Tensor> feature_orthogonality_backward(const at::Tensor& grad_output,
+                                                                          const at::Tensor& features,
+                                                                          const at::Tensor& prototypes,
+                                                                          bool normalize, bool mean) {
+  const auto acc = acc_type({features.scalar_type(), prototypes.scalar_type()});
+  if (features.numel() == 0 || prototypes.numel() == 0)
+    return {at::zeros_like(features), at::zeros_like(prototypes)};
+  Normalized f{features.to(acc), {}}, p{prototypes.to(acc), {}};
+  if (normalize) {
+    f = normalize_rows(f.x);
+    p = normalize_rows(p.x);
+  }
+  const double c = 2.0 / (mean ? static_cast<double>(features.size(0) * prototypes.size(0)) : 1.0);
+  at::Tensor g = at::mm(f.x, p.x.t()) * (grad_output.to(acc) * c);  // dL/dS, recomputed
+  at::Tensor df = at::mm(g, p.x), dp = at::mm(g.t(), f.x);
+  if (normalize) {
+    df = normalize_backward(df, f);
+    dp = normalize_backward(dp, p);
+  }
+  return {df.to(features.scalar_type()), dp.to(prototypes.scalar_type())};
+}
+
+// ---------------------------------------------------------------- projection residual
+// r = f - f U U^T, P = f U [B, r], M = U^T U [r, r]:
+//   sum(r)    = sum(f) - <colsum(P), rowsum(U)>           (1 = ones)
+//   sum(r^2)  = sum(f^2) - 2 sum(P^2) + <P^T P, M>
+inline at::Tensor projection_residual(const at::Tensor& features, const at::Tensor& basis, bool normalize,
+                                      bool sumsq) {
+  check_matrix(features, "features");
+  check_matrix(basis, "basis");
+  TORCH_CHECK(basis.size(0) == features.size(1), "basis must have D rows");
+  const auto acc = acc_type({features.scalar_type(), basis.scalar_type()});
+  if (features.numel() == 0) return zero_d(features, acc);
+  at::Tensor f = features.to(acc), u = basis.to(acc);
+  if (normalize) f = normalize_rows(f).x;
+  at::Tensor pr = at::mm(f, u);
+  if (!sumsq) return f.sum() - (pr.sum(0) * u.sum(0)).sum();
+  at::Tensor m = at::mm(u.t(), u);
+  return f.square().sum() - 2.0 * pr.square().sum() + (at::mm(pr.t(), pr) * m).sum();
+}
+
+// d sum(r)   / df = 1 - U U^T 1 (the same row for every sample)
+// d sum(r)   / dU = -(s (U^T 1)^T + 1 (U^T s)^T), s = f^T 1
+// d sum(r^2) / df = 2 (f - P (2I - M) U^T)
+// d sum(r^2) / dU = 2 f^T P (M - 2I) + 2 U P^T P
+inline std::tuple<at::Tensor, at::Tensor> projection_residual_backward(const at::Tensor& grad_output,
+                                                                        const at::Tensor& features,
+                                                                        const at::Tensor& basis, bool normalize,
+                                                                        bool sumsq) {
+  const auto acc = acc_type({features.scalar_type(), basis.scalar_type()});
+  if (features.numel() == 0) return {at::zeros_like(features), at::zeros_like(basis)};
+  Normalized f{features.to(acc), {}};
+  at::Tensor u = basis.to(acc);
+  if (normalize) f = normalize_rows(f.x);
+  at::Tensor go = grad_output.to(acc);
+  at::Tensor df, du;
+  if (!sumsq) {
+    at::Tensor ones_u = u.sum(0);                    // U^T 1 [r]
+    at::Tensor row = 1.0 - at::mv(u, ones_u);        // [D]
+    df = row.unsqueeze(0).expand_as(f.x) * go;
+    at::Tensor s = f.x.sum(0);                       // [D]
+    at::Tensor us = at::mv(u.t(), s);                // [r]
+    du = -(at::outer(s, ones_u) + at::outer(at::ones_like(s), us)) * go;
+  } else {
+    at::Tensor pr = at::mm(f.x, u);
+    at::Tensor m = at::mm(u.t(), u);
+    at::Tensor eye = at::eye(m.size(0), m.options());
+    df = 2.0 * (f.x - at::mm(at::mm(pr, 2.0 * eye - m), u.t())) * go;
+    du = (2.0 * at::mm(f.x.t(), at::mm(pr, m - 2.0 * eye)) + 2.0 * at::mm(u, at::mm(pr.t(), pr))) * go;
+  }
+  if (normalize) df = normalize_backward(df, f);
+  return {df.to(features.scalar_type()), du.to(basis.scalar_type())};
+}
+
+// ---------------------------------------------------------------- gram orthogonality
+inline at::Tensor gram_orthogonality(at::TensorList weights, bool mean) {
+  const auto acc = acc_type_of(weights);
+  TORCH_CHECK(!weights.empty(), "weights must not be empty");
+  at::Tensor total = zero_d(weights[0], acc);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    check_matrix(weights[i], "weights[i]");
+    if (weights[i].size(0) == 0) continue;
+    at::Tensor w = weights[i].to(acc);
+    at::Tensor g = at::mm(w, w.t());
+    g.diagonal().sub_(1.0);
+    at::Tensor term = g.square().sum();
+    total = total + (mean ? term / static_cast<double>(g.numel()) : term);
+  }
+  return total;
+}
+
+// d/dW sum((W W^T - I)^2) = 4 (W W^T - I) W
+inline std::vector<at::Tensor> gram_orthogonality_backward(const at::Tensor& grad_output, at::TensorList weights,
+                                                           bool mean) {
+  const auto acc = acc_type_of(weights);
+  std::vector<at::Tensor> out;
+  for (const auto& wi : weights) {
+    if (wi.size(0) == 0) {
+      out.push_back(at::zeros_like(wi));
+      continue;
+    }
+    at::Tensor w = wi.to(acc);
+    at::Tensor g = at::mm(w, w.t());
+    g.diagonal().sub_(1.0);
+    const double c = 4.0 / (mean ? static_cast<double>(g.numel()) : 1.0);
+    out.push_back((at::mm(g, w) * (grad_output.to(acc) * c)).to(wi.scalar_type()));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- cross orthogonality
+inline at::Tensor cross_orthogonality(at::TensorList old_w, at::TensorList new_w, bool l1) {
+  TORCH_CHECK(old_w.size() == new_w.size() && !old_w.empty(), "old and new must have the same, non-zero length");
+  const auto acc = acc_type_of(old_w, new_w);
+  at::Tensor total = zero_d(old_w[0], acc);
+  for (size_t i = 0; i < old_w.size(); ++i) {
+    check_matrix(old_w[i], "old[i]");
+    check_matrix(new_w[i], "new[i]");
+    TORCH_CHECK(old_w[i].size(1) == new_w[i].size(1), "old[i] and new[i] must have the same columns");
+    if (old_w[i].numel() == 0 || new_w[i].numel() == 0) continue;
+    at::Tensor p = at::mm(old_w[i].to(acc), new_w[i].to(acc).t());
+    total = total + (l1 ? p.abs().sum() : p.square().sum());
+  }
+  return total;
+}
+
+// l1: dA = sign(P) B, dB = sign(P)^T A (sign(0) = 0, as autograd's abs); fro2: 2P in place of sign(P).
+inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cross_orthogonality_backward(
+    const at::Tensor& grad_output, at::TensorList old_w, at::TensorList new_w, bool l1) {
+  const auto acc = acc_type_of(old_w, new_w);
+  std::vector<at::Tensor> d_old, d_new;
+  for (size_t i = 0; i < old_w.size(); ++i) {
+    if (old_w[i].numel() == 0 || new_w[i].numel() == 0) {
+      d_old.push_back(at::zeros_like(old_w[i]));
+      d_new.push_back(at::zeros_like(new_w[i]));
+      continue;
+    }
+    at::Tensor a = old_w[i].to(acc), b = new_w[i].to(acc);
+    at::Tensor p = at::mm(a, b.t());
+    at::Tensor g = (l1 ? p.sign() : 2.0 * p) * grad_output.to(acc);
+    d_old.push_back(at::mm(g, b).to(old_w[i].scalar_type()));
+    d_new.push_back(at::mm(g.t(), a).to(new_w[i].scalar_type()));
+  }
+  return {d_old, d_new};
+}
+
+// ---------------------------------------------------------------- NTK-CL contrastive
+// S = n n^T / t; value = -lse(S[pos]) + mean_i lse_{j != i}(S_ij); +inf when pos is empty.
+struct Contrastive {
+  Normalized f;
+  at::Tensor s, pos, off_diag, lse_pos, lse_row;
+  bool any_pos;
+};
+
+inline Contrastive contrastive_parts(const at::Tensor& features, const at::Tensor& labels, double temperature) {
+  const auto acc = acc_type({features.scalar_type()});
+  Contrastive c;
+  c.f = normalize_rows(features.to(acc));
+  const int64_t n = features.size(0);
+  c.s = at::mm(c.f.x, c.f.x.t()) / temperature;
+  c.off_diag = at::eye(n, labels.options().dtype(at::kBool)).logical_not();
+  c.pos = labels.unsqueeze(1).eq(labels.unsqueeze(0)).logical_and(c.off_diag);
+  c.any_pos = c.pos.any().item<bool>();
+  const double ninf = -std::numeric_limits<double>::infinity();
+  if (c.any_pos) c.lse_pos = at::logsumexp(c.s.masked_fill(c.pos.logical_not(), ninf).reshape({-1}), {0});
+  c.lse_row = at::logsumexp(c.s.masked_fill(c.off_diag.logical_not(), ninf), {1});
+  return c;
+}
+
+inline at::Tensor ntkcl_contrastive(const at::Tensor& features, const at::Tensor& labels, double temperature) {
+  check_matrix(features, "features");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0), "labels must have shape [N]");
+  const auto acc = acc_type({features.scalar_type()});
+  if (features.size(0) == 0) return at::full({}, std::numeric_limits<double>::infinity(), features.options().dtype(acc));
+  Contrastive c = contrastive_parts(features, labels, temperature);
+  if (!c.any_pos) return at::full({}, std::numeric_limits<double>::infinity(), features.options().dtype(acc));
+  return -c.lse_pos + c.lse_row.mean();
+}
+
+// dL/dS = -softmax over pos + (1/N) row softmax over j != i; dn = (dS + dS^T) n / t.
+inline at::Tensor ntkcl_contrastive_backward(const at::Tensor& grad_output, const at::Tensor& features,
+                                             const at::Tensor& labels, double temperature) {
+  if (features.size(0) == 0) return at::zeros_like(features);
+  Contrastive c = contrastive_parts(features, labels, temperature);
+  if (!c.any_pos) return at::zeros_like(features);
+  const int64_t n = features.size(0);
+  at::Tensor zero = at::zeros({}, c.s.options());
+  at::Tensor p_pos = at::where(c.pos, (c.s - c.lse_pos).exp(), zero);
+  at::Tensor p_row = at::where(c.off_diag, (c.s - c.lse_row.unsqueeze(1)).exp(), zero);
+  at::Tensor ds = (p_row / static_cast<double>(n) - p_pos) * grad_output.to(c.s.scalar_type());
+  at::Tensor dn = at::mm(ds + ds.t(), c.f.x) / temperature;
+  return normalize_backward(dn, c.f).to(features.scalar_type());
+}
+
+}  // namespace ortho
+}  // namespace ntkcl_fast
