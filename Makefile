@@ -7,12 +7,12 @@ PY := $(VENV)/bin/python
 # The torch to install when the environment has none. Pinned so a CPU-only machine gets the
 # CPU build; on a GPU machine pick the build matching your driver, e.g. TORCH_SPEC="torch==2.11.0".
 TORCH_SPEC ?= torch==2.13.0
-DEPS := numpy ninja pybind11 setuptools wheel "triton>=3.0" pytest pytest-benchmark hypothesis expecttest matplotlib tqdm safetensors
+DEPS := numpy ninja pybind11 setuptools wheel "triton>=3.0" pytest pytest-benchmark hypothesis expecttest matplotlib tqdm safetensors scikit-learn
 # peft for the parity tests of the PEFT-style merge helpers (it brings transformers, pure Python)
 TEST_DEPS := peft
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test bench clean info
+.PHONY: test bench demo clean info
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(VENV)/.built
 
 bench: $(VENV)/.built
 	$(PY) -m bench.run
+
+# NTK-CL vs fine-tuning / L2 / EWC on scikit-learn's digits, offline on CPU (a few minutes)
+demo: $(VENV)/.built
+	$(PY) -m ntkcl_fast.ntkcl.demo
 
 info: $(VENV)/.built
 	$(PY) -m ntkcl_fast info
