@@ -1,0 +1,8 @@
+"""Collect `bench_<family>.py` as test modules: pytest's default pattern only finds test_*.py."""
+import pytest
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
