@@ -1,37 +1,36 @@
-"""DARE benchmark rows: `rows(device, quick)` -> list of dicts (op, case, backend, ms, gbps, pct_copy,
-peak_extra_mb, speedup_vs_<baseline>...), and a table when run as a script.
+"""DARE benchmark: rows of the table (`rows(device, quick)`), in the shape of the EMA rows.
 
-Minimum bytes: out of place reads finetuned and base and writes out (3 x element size, 6 B/element
-in bf16); in place (`dare_delta_`) reads and writes delta (2 x element size). Baselines are what
-users write today: PEFT-style (bernoulli mask, mul, div), `rand_like` + `where`, `torch.compile`
-of that expression, and PEFT's own `random_pruning` when peft is installed.
+p = 0.9 on one flat tensor (16.8M elements on CPU; 16.8M, 134M and 1.07G on GPU), fp32 and bf16.
+Minimum bytes: out of place (`dare`) reads finetuned and base and writes out (3 x element size,
+6 B/element in bf16); in place (`dare_delta_`) reads and writes delta (2 x element size).
+Baselines are what users write today:
+- `bernoulli`: PEFT-style `bernoulli(full_like(1 - p))`, mul, div;
+- `eager`: `rand_like` + `where`;
+- `compile`: `torch.compile` of that `rand_like` + `where` expression (out of place in both modes);
+- `peft`: PEFT's own `random_pruning` (plus the base add out of place), when peft is installed.
+Ours: `ntkcl_fast.dare(..., out=)` / `dare_delta_` on each compiled backend (the `torch`
+backend is the NumPy Philox oracle, about 2.5 s per 16.8M-element call on CPU: a reference,
+not a contender, so it has no row; Triton on CPU would only time its interpreter).
+Row keys: op, list, tensors, elements, dtype, impl, baseline, bytes, ms, ms_min, reps, and
+peak_mb (extra memory one call allocates; CUDA only, None on CPU).
 
-    python bench/bench_dare.py [--device cpu|cuda] [--quick]
+    python bench/bench_dare.py [--device cpu|cuda] [--quick] [--json FILE]
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-import ntkcl_fast
+if __package__ in (None, ""):  # `python bench/bench_dare.py`: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ntkcl_fast  # noqa: E402
+from bench import time_ms  # noqa: E402
 
 P = 0.9
-
-
-def _time_ms(fn, device: str, repeats: int) -> float:
-    if device == "cuda":
-        import triton.testing
-        return float(triton.testing.do_bench(fn, return_mode="median"))
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _peak_extra_mb(fn, device: str) -> float | None:
@@ -57,90 +56,75 @@ def _rand_where(f, b, p):
     return torch.where(torch.rand_like(f) >= p, b + (f - b) / (1 - p), b)
 
 
-def _baselines(device: str, inplace: bool):
-    out = {"peft_style": (lambda f, b: _peft_style(f, b, P)) if not inplace else
-           (lambda d, _b: d.mul_(torch.bernoulli(torch.full_like(d, 1 - P))).div_(1 - P)),
-           "rand_where": (lambda f, b: _rand_where(f, b, P)) if not inplace else
-           (lambda d, _b: d.copy_(torch.where(torch.rand_like(d) >= P, d / (1 - P), 0)))}
+def _baselines(inplace: bool) -> list[tuple[str, str, object]]:
+    """(label, baseline column, fn(work, base)) for what users write today."""
+    out = [("PEFT-style bernoulli mul/div", "bernoulli",
+            (lambda f, b: _peft_style(f, b, P)) if not inplace else
+            (lambda d, _b: d.mul_(torch.bernoulli(torch.full_like(d, 1 - P))).div_(1 - P))),
+           ("rand_like + where", "eager",
+            (lambda f, b: _rand_where(f, b, P)) if not inplace else
+            (lambda d, _b: d.copy_(torch.where(torch.rand_like(d) >= P, d / (1 - P), 0))))]
     try:
         compiled = torch.compile(_rand_where, dynamic=False)
-        out["compile"] = lambda f, b: compiled(f, b, P)
+        out.append(("torch.compile(rand_like + where)", "compile", lambda f, b: compiled(f, b, P)))
     except Exception:  # noqa: BLE001 - no compiler on this machine: the column stays empty
         pass
     try:
         from peft.utils.merge_utils import random_pruning
-        out["peft"] = (lambda f, b: b + random_pruning(f - b, 1 - P, True)) if not inplace else \
-            (lambda d, _b: random_pruning(d, 1 - P, True))
+        out.append(("peft random_pruning", "peft",
+                    (lambda f, b: b + random_pruning(f - b, 1 - P, True)) if not inplace else
+                    (lambda d, _b: random_pruning(d, 1 - P, True))))
     except ImportError:
         pass
     return out
 
 
-def rows(device: str = "cpu", quick: bool = False) -> list[dict]:
+def our_backends(device: str) -> list[str]:
+    wanted = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+    return [b for b in wanted if ntkcl_fast._backend.unavailable_reason(b, device, "dare_") is None]
+
+
+def rows(device: str, quick: bool) -> list[dict]:
     sizes = [1 << 20] if quick else ([1 << 24] if device == "cpu" else [1 << 24, 1 << 27, 1 << 30])
-    repeats = 3 if quick else 10
-    backends = [b for b in ("cpu", "cuda", "triton", "torch")
-                if ntkcl_fast._backend.unavailable_reason(b, device, "dare_") is None]
-    if device == "cpu":
-        backends = [b for b in backends if b != "triton"]  # the interpreter is not a benchmark
-    else:
-        backends = [b for b in backends if b != "torch"]  # the NumPy oracle would draw 1G masks on the host
-    result = []
+    out = []
     for n in sizes:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype_name, dtype in DTYPES.items():
             f = torch.randn(n, device=device).to(dtype)
             b = torch.randn(n, device=device).to(dtype)
-            esize = f.element_size()
-            dst = torch.empty_like(f)
-            copy_ms = _time_ms(lambda: dst.copy_(f), device, repeats)
-            copy_gbps = 2 * n * esize / copy_ms / 1e6
             for inplace in (False, True):
-                nbytes = (2 if inplace else 3) * n * esize
-                case = f"n={n} {str(dtype).replace('torch.', '')} {'inplace' if inplace else 'out-of-place'}"
-                base_ms = {}
-                for name, fn in _baselines(device, inplace).items():
-                    work = f.clone()
-                    try:
-                        base_ms[name] = _time_ms(lambda: fn(work, b), device, repeats)
-                    except Exception:  # noqa: BLE001 - e.g. torch.compile without a C compiler
-                        continue
-                    result.append({"op": "dare", "case": case, "backend": f"baseline:{name}", "ms": base_ms[name],
-                                   "gbps": nbytes / base_ms[name] / 1e6,
-                                   "pct_copy": 100 * nbytes / base_ms[name] / 1e6 / copy_gbps,
-                                   "peak_extra_mb": _peak_extra_mb(lambda: fn(work, b), device)})
-                for backend in backends:
+                op = "dare_delta_" if inplace else "dare"
+                entries = [(label, col, lambda fn=fn, work=f.clone(): fn(work, b))
+                           for label, col, fn in _baselines(inplace)]
+                for backend in our_backends(device):
                     if inplace:
                         work = f.clone()
-                        fn = lambda: ntkcl_fast.dare_delta_(work, P, seed=1, backend=backend)  # noqa: E731
+                        entries.append((f"ntkcl_fast[{backend}]", None,
+                                        lambda work=work, backend=backend:
+                                        ntkcl_fast.dare_delta_(work, P, seed=1, backend=backend)))
                     else:
-                        out = torch.empty_like(f)
-                        fn = lambda: ntkcl_fast.dare(f, b, P, seed=1, out=out, backend=backend)  # noqa: E731
-                    ms = _time_ms(fn, device, repeats)
-                    row = {"op": "dare_delta_" if inplace else "dare", "case": case, "backend": backend, "ms": ms,
-                           "gbps": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e6 / copy_gbps,
-                           "peak_extra_mb": _peak_extra_mb(fn, device)}
-                    for name, bms in base_ms.items():
-                        row[f"speedup_vs_{name}"] = bms / ms
-                    result.append(row)
-    return result
-
-
-def _table(rs: list[dict]) -> str:
-    keys = ["op", "case", "backend", "ms", "gbps", "pct_copy", "peak_extra_mb"]
-    extra = sorted({k for r in rs for k in r if k.startswith("speedup")})
-    lines = ["| " + " | ".join(keys + extra) + " |", "|" + "---|" * len(keys + extra)]
-    for r in rs:
-        cells = []
-        for k in keys + extra:
-            v = r.get(k)
-            cells.append("" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                        dst = torch.empty_like(f)
+                        entries.append((f"ntkcl_fast[{backend}]", None,
+                                        lambda dst=dst, backend=backend:
+                                        ntkcl_fast.dare(f, b, P, seed=1, out=dst, backend=backend)))
+                for label, baseline, fn in entries:
+                    try:
+                        t = time_ms(fn, device)
+                    except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a C compiler
+                        print(f"  {op} {dtype_name} {label}: skipped ({type(e).__name__})", flush=True)
+                        continue
+                    out.append({"op": op, "list": f"flat {n / 1e6:.1f}M", "tensors": 1, "elements": n,
+                                "dtype": dtype_name, "impl": label, "baseline": baseline,
+                                "bytes": (2 if inplace else 3) * n * f.element_size(), **t,
+                                "peak_mb": _peak_extra_mb(fn, device)})
+                    print(f"  {op} {n} {dtype_name} {label}: {t['ms']:.2f} ms (min {t['ms_min']:.2f})", flush=True)
+                del entries
+            del f, b
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return out
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    print(_table(rows(args.device, args.quick)))
+    from bench.run import standalone
+
+    standalone("dare")

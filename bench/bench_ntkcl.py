@@ -1,38 +1,30 @@
 """NTK-CL step-time breakdown on ViT-B/16 shapes (random weights): forward, backward, each regularizer.
 
-`rows(device, quick)` -> list of dicts (phase, impl, batch, ms, pct_step). The regularizers are
-timed forward + backward on features held fixed (see ntkcl_fast.ntkcl.timing), once with
-ntkcl_fast's ops (`fused`) and once with the same math in eager PyTorch (`eager`); "step" is a
-whole training step (four ViT passes, fusion, three heads, all terms, backward) with the
-fused regularizers, and `pct_step` is each phase's share of it. Target on GPU: the fused
-regularizers take <= 2% of the step. On CPU a reduced batch keeps the run short.
+`rows(device, quick)` gives rows in the shape of the EMA rows (op = the phase, list = the model
+and batch, impl, baseline, ms, ms_min, reps; `bytes` None, nothing here is bandwidth bound) and
+`pct_step`, each phase's share of a whole step. The regularizers are timed forward + backward on
+features held fixed (see ntkcl_fast.ntkcl.timing), once with ntkcl_fast's ops (impl
+`ntkcl_fast`) and once with the same math in eager PyTorch (baseline column `eager`); "step" is
+a whole training step (four ViT passes, fusion, three heads, all terms, backward) with the
+fused regularizers against the same step with the eager ones. Target on GPU: the fused
+regularizers take <= 2% of the step. On CPU the step runs at batch 1 with 3 timed repeats
+(4 in the full GPU run is 64) so that the whole table stays within minutes.
+
+    python bench/bench_ntkcl.py [--device cpu|cuda] [--quick] [--json FILE]
 """
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ntkcl_fast.ntkcl import NTKCL, NTKCLConfig, VisionTransformer
+if __package__ in (None, ""):  # `python bench/bench_ntkcl.py`: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_ms(fn, device, repeats, warmup=1):
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+from bench import time_ms  # noqa: E402
+from ntkcl_fast.ntkcl import NTKCL, NTKCLConfig, VisionTransformer  # noqa: E402
 
 
 def make_learner(device, *, depth=12, width=768, heads=12, img=224, old_classes=100, new_classes=10):
@@ -68,8 +60,10 @@ def _term_fn(learner, feats, index, term, fused):
 
 def rows(device: str, quick: bool) -> list[dict]:
     cpu = torch.device(device).type == "cpu"
-    batch = (1 if quick else 4) if cpu else (16 if quick else 64)
-    repeats = 2 if cpu else (5 if quick else 20)
+    batch = 1 if cpu else (16 if quick else 64)
+    # a ViT-B step at batch 1 takes seconds on two CPU cores: few repeats, no time floor
+    step_kw = dict(warmup=1, min_reps=2 if quick else 3, min_seconds=0.0) if cpu else dict(min_reps=5 if quick else 20)
+    reg_kw = dict(min_reps=5, min_seconds=0.5) if cpu else {}
     learner = make_learner(device)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.arange(batch, device=device) % 10 + learner.known
@@ -98,42 +92,38 @@ def rows(device: str, quick: bool) -> list[dict]:
     def fwd_then_store():
         state["loss"] = forward()
 
-    out = []
-    t_step = _time_ms(step(True), device, repeats)
-    t_fwd = _time_ms(fwd_then_store, device, repeats)
+    timed = []  # (phase, impl, baseline column, time_ms dict)
+    t_step = time_ms(step(True), device, **step_kw)
+    timed.append(("step", "ntkcl_fast regularizers", None, t_step))
+    timed.append(("step", "eager regularizers", "eager", time_ms(step(False), device, **step_kw)))
+    timed.append(("forward (4 passes + fusion + 3 CE)", "-", None, time_ms(fwd_then_store, device, **step_kw)))
     # backward timed on a fresh graph each repeat
-    t_bwd = statistics.median([(_time_ms(fwd_then_store, device, 1, 0), _time_ms(backward_only, device, 1, 0))[1]
-                               for _ in range(repeats)])
+    bwd = []
+    for _ in range(step_kw.get("min_reps", 3)):
+        fwd_then_store()
+        bwd.append(time_ms(backward_only, device, warmup=0, min_reps=1, min_seconds=0.0)["ms"])
+    bwd.sort()
+    timed.append(("backward (CE only)", "-", None, {"ms": bwd[len(bwd) // 2] if len(bwd) % 2 else
+                                                   (bwd[len(bwd) // 2 - 1] + bwd[len(bwd) // 2]) / 2,
+                                                   "ms_min": bwd[0], "reps": len(bwd)}))
     with torch.no_grad():
         feats = [f.detach() for f in learner.features(x)]
     index = learner.class_index[y]
-    out.append(dict(phase="step (fused regularizers)", impl="fused", batch=batch, ms=t_step))
-    out.append(dict(phase="step (eager regularizers)", impl="eager", batch=batch, ms=_time_ms(step(False), device,
-                                                                                              repeats)))
-    out.append(dict(phase="forward (4 passes + fusion + 3 CE)", impl="-", batch=batch, ms=t_fwd))
-    out.append(dict(phase="backward (CE only)", impl="-", batch=batch, ms=t_bwd))
-    reg_repeats = 5 if cpu else 50
     for term, name in (("nce", "contrastive"), ("dis", "projection residual"), ("reg", "L2 anchor")):
         for fused in (True, False):
-            t = _time_ms(_term_fn(learner, feats, index, term, fused), device, reg_repeats, warmup=2)
-            out.append(dict(phase=f"{name} fwd+bwd", impl="fused" if fused else "eager", batch=batch, ms=t))
-    for r in out:
-        r["pct_step"] = 100 * r["ms"] / t_step
-        print(f"  {r['phase']:40s} {r['impl']:6s} {r['ms']:10.3f} ms  {r['pct_step']:6.2f}% of step", flush=True)
+            t = time_ms(_term_fn(learner, feats, index, term, fused), device, **reg_kw)
+            timed.append((f"{name} fwd+bwd", "ntkcl_fast" if fused else "eager", None if fused else "eager", t))
+    out = []
+    for phase, impl, baseline, t in timed:
+        out.append({"op": f"ntkcl {phase}", "list": f"ViT-B/16 batch {batch}", "tensors": None, "elements": None,
+                    "dtype": "fp32", "impl": impl, "baseline": baseline, "bytes": None, **t,
+                    "pct_step": 100 * t["ms"] / t_step["ms"]})
+        print(f"  {phase:40s} {impl:24s} {t['ms']:10.3f} ms  {out[-1]['pct_step']:6.2f}% of step", flush=True)
     learner.cfg.fused = True
     return out
 
 
 if __name__ == "__main__":
-    import argparse
-    import json
+    from bench.run import standalone
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    result = rows(args.device, args.quick)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    standalone("ntkcl")

@@ -8,46 +8,28 @@ Cases (forward + backward, gradients to every input that trains):
 - O-LoRA: `cross_orthogonality` over 12 or 24 layers x (q, v) of rank 8 LoRA A matrices,
   D 768 to 4096, against the concatenated old tasks' A matrices (rank 8 x 4 tasks).
 
-Baselines: eager autograd as the anchor projects write it, and the same code under
-`torch.compile`. Row keys: op, case, dtype, backend, ms, ms_min, flops (of the matrix
-products, forward + backward), gflops, peak_mb (CUDA: torch.cuda.max_memory_allocated over
-one call; CPU: not measured, None), speedup_vs_eager, speedup_vs_compile.
+Baselines: eager autograd as the anchor projects write it (column `eager`), and the same code
+under `torch.compile` (column `compile`). Row keys are the EMA rows' (op, list = the case,
+tensors and elements of the inputs, dtype, impl, baseline, ms, ms_min, reps) with `bytes` None:
+these ops are matrix products, not bandwidth bound. Extra keys: flops (of the matrix products,
+forward + backward) and peak_mb (CUDA: torch.cuda.max_memory_allocated over one call beyond
+what was allocated before; CPU: not measured, None).
+
+    python bench/bench_ortho.py [--device cpu|cuda] [--quick] [--json FILE]
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # `python bench/bench_ortho.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ntkcl_fast  # noqa: E402
-
-try:  # the shared timer of the table runner, when present
-    from bench import sync, time_ms  # noqa: E402
-except ImportError:
-    def sync(device: str) -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def time_ms(fn, device: str, *, warmup: int = 2, min_reps: int = 7, min_seconds: float = 1.0) -> dict:
-        if device == "cuda":
-            from triton.testing import do_bench
-            times = list(do_bench(fn, return_mode="all"))
-        else:
-            for _ in range(warmup):
-                fn()
-            times, began = [], time.perf_counter()
-            while len(times) < min_reps or time.perf_counter() - began < min_seconds:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return {"ms": statistics.median(times), "ms_min": min(times), "reps": len(times)}
+from bench import sync, time_ms  # noqa: E402
 
 
 # ---------------------------------------------------------------- eager code of the anchor projects
@@ -135,46 +117,40 @@ def _peak_mb(run, device):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-def rows(device: str = "cpu", quick: bool = True) -> list[dict]:
+def rows(device: str, quick: bool) -> list[dict]:
     """Forward + backward of each case: eager, torch.compile(eager), and every available backend."""
     avail = ntkcl_fast.backends()
     ours = [b for b in ("cpu", "cuda", "triton") if avail[b] and (b != "cpu" or device == "cpu")
             and (b != "cuda" or device == "cuda") and (b != "triton" or device == "cuda")]
     out = []
     for op, case, args, flops, eager, fast in _cases(device, quick):
-        impls = {"eager": _step(eager, args)}
+        impls = [("eager autograd", "eager", _step(eager, args))]
         try:
-            impls["torch.compile"] = _step(torch.compile(eager), args)
-            impls["torch.compile"]()
-        except Exception:  # noqa: BLE001 - no compiler on this machine: the row says so
-            impls.pop("torch.compile")
+            run = _step(torch.compile(eager), args)
+            run()
+            impls.append(("torch.compile(eager)", "compile", run))
+        except Exception:  # noqa: BLE001 - no compiler on this machine: the column stays empty
+            pass
         for b in ours:
             try:
-                impls[b] = _step(lambda *a, b=b: fast(*a, b), args)
-                impls[b]()
+                run = _step(lambda *a, b=b: fast(*a, b), args)
+                run()
+                impls.append((f"ntkcl_fast[{b}]", None, run))
             except (RuntimeError, NotImplementedError):
-                impls.pop(b)
-        times = {name: time_ms(run, device) for name, run in impls.items()}
-        for name, t in times.items():
+                pass
+        inputs = [t for a in args for t in (a if isinstance(a, list) else [a])]
+        for label, baseline, run in impls:
+            t = time_ms(run, device)
             out.append({
-                "op": op, "case": case, "dtype": "fp32", "backend": name, "ms": t["ms"], "ms_min": t["ms_min"],
-                "flops": flops, "gflops": flops / t["ms"] / 1e6, "peak_mb": _peak_mb(impls[name], device),
-                "speedup_vs_eager": times["eager"]["ms"] / t["ms"],
-                "speedup_vs_compile": (times["torch.compile"]["ms"] / t["ms"]) if "torch.compile" in times else None,
+                "op": op, "list": case, "tensors": len(inputs), "elements": sum(x.numel() for x in inputs),
+                "dtype": "fp32", "impl": label, "baseline": baseline, "bytes": None, **t,
+                "flops": flops, "peak_mb": _peak_mb(run, device),
             })
+            print(f"  {op} {case} {label}: {t['ms']:.3f} ms (min {t['ms_min']:.3f})", flush=True)
     return out
 
 
-def _table(rs: list[dict]) -> str:
-    lines = ["| op | case | backend | ms | GFLOP/s | peak MB | vs eager | vs compile |", "|---|---|---|---|---|---|---|---|"]
-    for r in rs:
-        vc = f"{r['speedup_vs_compile']:.2f}x" if r["speedup_vs_compile"] else "-"
-        pk = f"{r['peak_mb']:.1f}" if r["peak_mb"] is not None else "-"
-        lines.append(f"| {r['op']} | {r['case']} | {r['backend']} | {r['ms']:.3f} | {r['gflops']:.1f} | {pk} | "
-                     f"{r['speedup_vs_eager']:.2f}x | {vc} |")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(_table(rows(dev, quick="--full" not in sys.argv)))
+    from bench.run import standalone
+
+    standalone("ortho")

@@ -11,43 +11,23 @@ Ops and baselines (what users run today):
   ours: `l2_penalty(...).backward()` (autograd.Function) and `l2_penalty_grad_` (no graph).
 - `fisher_accumulate_`: loop of `mul_` / `addcmul_`, `torch._foreach_*`, ours.
 - `adamr step`: `torch.optim.Adam(fused=True)` + a separate foreach pull, ours.
-Row keys match bench_ema: op, list, tensors, elements, dtype, impl, baseline, bytes, ms, ms_min
-(bench/run.py adds gbps, pct_copy and the speedup columns).
+Row keys match bench_ema: op, list, tensors, elements, dtype, impl, baseline, bytes, ms, ms_min,
+reps (bench/run.py adds gbps, pct_copy and the speedup columns). The inputs of one (list, dtype,
+op) are built once and shared by its rows, as in bench_ema; building 86.6M-element lists
+dominated the CPU run time otherwise.
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # `python bench/bench_penalty.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ntkcl_fast  # noqa: E402
-
-try:  # the shared timer of the table runner, when present
-    from bench import sync, time_ms  # noqa: E402
-except ImportError:  # standalone: the same method (CUDA events via do_bench; perf_counter median on CPU)
-    def sync(device: str) -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def time_ms(fn, device: str, *, warmup: int = 2, min_reps: int = 7, min_seconds: float = 1.0) -> dict:
-        if device == "cuda":
-            from triton.testing import do_bench
-            times = list(do_bench(fn, return_mode="all"))
-        else:
-            for _ in range(warmup):
-                fn()
-            times, began = [], time.perf_counter()
-            while len(times) < min_reps or time.perf_counter() - began < min_seconds:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return {"ms": statistics.median(times), "ms_min": min(times), "reps": len(times)}
+from bench import time_ms  # noqa: E402
 
 LAM = 0.5
 
@@ -223,8 +203,8 @@ def rows(device: str, quick: bool) -> list[dict]:
         shapes = LISTS[name]
         for dtype_name, p_dtype in DTYPES.items():
             for op, (nbytes_fn, entries) in impls(device).items():
+                P, A, F = make(shapes, p_dtype, device)
                 for label, baseline, build in entries:
-                    P, A, F = make(shapes, p_dtype, device)
                     fn = build(P, A, F)
                     t = time_ms(fn, device)
                     out.append({"op": op, "list": name, "tensors": len(shapes), "elements": _numel(shapes),
@@ -232,21 +212,14 @@ def rows(device: str, quick: bool) -> list[dict]:
                                 "bytes": nbytes_fn(P, A, F), **t})
                     print(f"  {op} {name} {dtype_name} {label}: {t['ms']:.2f} ms (min {t['ms_min']:.2f})",
                           flush=True)
-                    del fn, P, A, F
+                    del fn  # frees a baseline's flat copies or optimizer state before the next row
                     if device == "cuda":
                         torch.cuda.empty_cache()
+                del P, A, F
     return out
 
 
 if __name__ == "__main__":
-    import argparse
-    import json
+    from bench.run import standalone
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    result = rows(args.device, args.quick)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    standalone("penalty")

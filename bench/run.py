@@ -1,4 +1,4 @@
-"""The benchmark table: `python -m bench.run [--device auto|cpu|cuda] [--quick] [--out DIR] [--ops ema]`.
+"""The benchmark table: `python -m bench.run [--device auto|cpu|cuda] [--quick] [--out DIR] [--ops ema ...]`.
 
 Each op family contributes rows through `rows(device, quick)` in `bench/bench_<family>.py`;
 this file adds what needs the whole run: the copy bandwidth of the device (measured here,
@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import ntkcl_fast  # noqa: E402
 from bench import time_ms  # noqa: E402
 
-FAMILIES = ["ema"]  # a new op family adds its name here and a bench/bench_<name>.py with rows()
+# a new op family adds its name here and a bench/bench_<name>.py with rows(device, quick)
+FAMILIES = ["ema", "penalty", "dare", "ortho", "ntkcl"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,12 +70,16 @@ def copy_bandwidth(device: str) -> tuple[float, int]:
     return 2 * nbytes / ms / 1e6, nbytes
 
 
-def add_derived(rows: list[dict], copy_gbps: float) -> list[str]:
-    """Fill GB/s, % of copy and speedups; return the baseline names (the speedup columns)."""
+def add_derived(rows: list[dict], copy_gbps: float | None) -> list[str]:
+    """Fill GB/s, % of copy and speedups; return the baseline names (the speedup columns).
+
+    Rows that are not bandwidth bound (matrix products, a whole training step) have
+    `bytes` None: their GB/s and % copy stay None and print blank.
+    """
     baselines = list(dict.fromkeys(r["baseline"] for r in rows if r["baseline"]))
     for r in rows:
-        r["gbps"] = r["bytes"] / r["ms"] / 1e6
-        r["pct_copy"] = 100 * r["gbps"] / copy_gbps
+        r["gbps"] = None if r.get("bytes") is None else r["bytes"] / r["ms"] / 1e6
+        r["pct_copy"] = None if r["gbps"] is None or not copy_gbps else 100 * r["gbps"] / copy_gbps
         r["speedup"] = {}
         if r["baseline"] is None:
             for b in rows:
@@ -83,9 +88,39 @@ def add_derived(rows: list[dict], copy_gbps: float) -> list[str]:
     return baselines
 
 
-def markdown(rows: list[dict], baselines: list[str], meta: dict) -> str:
+# optional row keys with a column of their own, blank where a row lacks them:
+# peak_mb (extra memory one call allocates, measured on CUDA), pct_step (share of a training step)
+OPTIONAL = [("peak_mb", "peak MB", "{:.1f}"), ("pct_step", "% step", "{:.2f}%")]
+
+
+def _size(r: dict) -> str:
+    if r.get("elements") is None:
+        return ""
+    return (f"{r['tensors']} t, " if r.get("tensors") is not None else "") + f"{r['elements'] / 1e6:.1f}M"
+
+
+def _cell(v, fmt: str) -> str:
+    return "" if v is None else fmt.format(v)
+
+
+def table_lines(rows: list[dict], baselines: list[str]) -> list[str]:
+    optional = [(k, name, fmt) for k, name, fmt in OPTIONAL if any(r.get(k) is not None for r in rows)]
     head = ["op", "list", "size", "dtype", "impl", "median ms", "min ms", "GB/s", "% copy"]
-    head += [f"vs {b}" for b in baselines]
+    head += [name for _, name, _ in optional] + [f"vs {b}" for b in baselines]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i < 5 else "---:" for i in range(len(head))) + "|",
+    ]
+    for r in rows:
+        cells = [r["op"], r["list"], _size(r), r["dtype"] or "", r["impl"], f"{r['ms']:.2f}", f"{r['ms_min']:.2f}",
+                 _cell(r["gbps"], "{:.1f}"), _cell(r["pct_copy"], "{:.0f}%")]
+        cells += [_cell(r.get(k), fmt) for k, _, fmt in optional]
+        cells += [f"{r['speedup'][b]:.2f}x" if b in r["speedup"] else "" for b in baselines]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(rows: list[dict], baselines: list[str], meta: dict) -> str:
     others = "n/a" if meta["others_cpu_pct"] is None else f"{meta['others_cpu_pct']:.0f}%"
     lines = [
         f"Device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, triton {meta['triton']}, "
@@ -94,16 +129,8 @@ def markdown(rows: list[dict], baselines: list[str], meta: dict) -> str:
         f"measurements before and after the rows): {meta['copy_gbps']:.1f} GB/s. "
         f"Other processes used {others} of the CPUs during the run.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" if i < 5 else "---:" for i in range(len(head))) + "|",
     ]
-    for r in rows:
-        size = f"{r['tensors']} t, {r['elements'] / 1e6:.1f}M"
-        cells = [r["op"], r["list"], size, r["dtype"], r["impl"], f"{r['ms']:.2f}", f"{r['ms_min']:.2f}",
-                 f"{r['gbps']:.1f}", f"{r['pct_copy']:.0f}%"]
-        cells += [f"{r['speedup'][b]:.2f}x" if b in r["speedup"] else "" for b in baselines]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + table_lines(rows, baselines)) + "\n"
 
 
 def plot(rows: list[dict], baselines: list[str], meta: dict, path: Path) -> bool:
@@ -114,8 +141,8 @@ def plot(rows: list[dict], baselines: list[str], meta: dict, path: Path) -> bool
     except ImportError:
         print(f"note: matplotlib is not installed, skipping {path.name} (`pip install matplotlib`)")
         return False
-    ours = [r for r in rows if r["baseline"] is None]
-    labels = [f"{r['list']} {r['dtype']}\n{r['impl']}" for r in ours]
+    ours = [r for r in rows if r["baseline"] is None and r["speedup"]]
+    labels = [f"{r['op']} {r['list']} {r['dtype'] or ''}\n{r['impl']}" for r in ours]
     height = 0.8 / max(len(baselines), 1)
     fig, ax = plt.subplots(figsize=(9, 1.0 + 0.55 * len(ours) * max(len(baselines), 1) ** 0.5))
     for j, b in enumerate(baselines):
@@ -125,7 +152,7 @@ def plot(rows: list[dict], baselines: list[str], meta: dict, path: Path) -> bool
         ax.bar_label(bars, labels=[f"{v:.2f}x" if v == v else "" for v in vals], fontsize=6, padding=2)
     ax.set_xscale("log")  # speedups below 1 (slower) and far above 1 both stay readable
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(ours)), labels, fontsize=7)
+    ax.set_yticks(range(len(ours)), labels, fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel("speedup (baseline time / ntkcl_fast time)")
     ax.set_title(f"ntkcl_fast on {meta['device_name']} (copy {meta['copy_gbps']:.0f} GB/s)", fontsize=9)
@@ -234,6 +261,24 @@ def main(argv: list[str] | None = None) -> None:
     if plot(rows, baselines, meta, args.out / f"{stem}.png"):
         wrote.append(f"{stem}.png")
     print(f"wrote {', '.join(str(args.out / w) for w in wrote)}")
+
+
+def standalone(family: str, argv: list[str] | None = None) -> None:
+    """`python bench/bench_<family>.py [--device cpu|cuda] [--quick] [--json FILE]`: one family's
+    rows as the same table, printed (and optionally saved); never touches bench/results/."""
+    parser = argparse.ArgumentParser(prog=f"bench/bench_{family}.py")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for smoke runs")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    copy_gbps, _ = copy_bandwidth(device)
+    rows = importlib.import_module(f"bench.bench_{family}").rows(device, args.quick)
+    baselines = add_derived(rows, copy_gbps)
+    print(f"\n{device_name(device)} ({device}), copy bandwidth {copy_gbps:.1f} GB/s\n")
+    print("\n".join(table_lines(rows, baselines)))
+    if args.json:
+        args.json.write_text(json.dumps({"copy_gbps": copy_gbps, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
