@@ -1,9 +1,13 @@
-// Argument checks of ntkcl_fast::ema_update_, shared by the CPU and CUDA kernels.
-// The Python API checks the same things first (with the user's argument names); these
-// keep direct torch.ops callers from reaching a kernel with bad input.
+// Argument checks of ntkcl_fast::ema_update_, shared by the CPU and CUDA kernels. They run before
+// anything is written and name the offending argument and index; the Python API leaves the
+// per-tensor checks of contiguous lists to them (a Python loop over a model costs more than
+// the GPU kernel).
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>
+#include <vector>
+
+#include "overlap.h"
 
 namespace ntkcl_fast {
 
@@ -24,9 +28,17 @@ inline void check_ema_args(at::TensorList ema, at::TensorList src, at::ArrayRef<
     TORCH_CHECK_VALUE(decay_tensor->device().type() == device, "decay_tensor is on the wrong device");
   }
   for (size_t i = 0; i < ema.size(); ++i) {
-    TORCH_CHECK_VALUE(ema[i].sizes() == src[i].sizes(), "ema[", i, "] and src[", i, "] differ in shape");
-    TORCH_CHECK_TYPE(is_supported_float(ema[i].scalar_type()), "ema[", i, "] must be fp16/bf16/fp32/fp64");
-    TORCH_CHECK_TYPE(is_supported_float(src[i].scalar_type()), "src[", i, "] must be fp16/bf16/fp32/fp64");
+    TORCH_CHECK_VALUE(ema[i].sizes() == src[i].sizes(), "ema[", i, "] and src[", i, "] differ in shape: ",
+                      ema[i].sizes(), " and ", src[i].sizes());
+    TORCH_CHECK_TYPE(!ema[i].is_complex() && !src[i].is_complex(), "ema[", i, "]/src[", i,
+                     "] are complex, which EMA does not support");
+    TORCH_CHECK_TYPE(ema[i].is_floating_point() == src[i].is_floating_point(), "ema[", i, "] (",
+                     ema[i].scalar_type(), ") and src[", i, "] (", src[i].scalar_type(),
+                     ") must both be floating or both not");
+    if (ema[i].is_floating_point()) {
+      TORCH_CHECK_TYPE(is_supported_float(ema[i].scalar_type()), "ema[", i, "] must be fp16/bf16/fp32/fp64");
+      TORCH_CHECK_TYPE(is_supported_float(src[i].scalar_type()), "src[", i, "] must be fp16/bf16/fp32/fp64");
+    }
     TORCH_CHECK_VALUE(ema[i].device().type() == device && src[i].device() == ema[i].device(),
                       "ema[", i, "] and src[", i, "] must be on one ", c10::DeviceTypeName(device), " device");
     TORCH_CHECK_VALUE(ema[i].is_contiguous() && src[i].is_contiguous(),
@@ -35,6 +47,28 @@ inline void check_ema_args(at::TensorList ema, at::TensorList src, at::ArrayRef<
       TORCH_CHECK_VALUE(decay[i] >= 0.0 && decay[i] <= 1.0, "decay[", i, "] must be in [0, 1]");
     }
   }
+  check_no_overlap(ema, "ema", src, "src");
+}
+
+// The floating pairs (with their decays) go to the kernel; the others are copied, as buffers
+// such as BatchNorm's num_batches_tracked are.
+struct EmaWork {
+  std::vector<at::Tensor> ema, src;
+  std::vector<double> decay;
+};
+
+inline EmaWork split_ema_pairs(at::TensorList ema, at::TensorList src, at::ArrayRef<double> decay) {
+  EmaWork work;
+  for (size_t i = 0; i < ema.size(); ++i) {
+    if (!ema[i].is_floating_point()) {
+      ema[i].copy_(src[i]);
+      continue;
+    }
+    work.ema.push_back(ema[i]);
+    work.src.push_back(src[i]);
+    if (!decay.empty()) work.decay.push_back(decay[i]);
+  }
+  return work;
 }
 
 }  // namespace ntkcl_fast

@@ -13,7 +13,7 @@
 #endif
 
 TORCH_LIBRARY(ntkcl_fast, m) {
-  // ema[i] <- ema[i] + (1 - d_i) * (src[i] - ema[i]) over floating pairs, d_i = decay[i], or the
+  // ema[i] <- ema[i] + (1 - d_i) * (src[i] - ema[i]) for floating pairs (others are copied), d_i = decay[i], or the
   // value of the 0-d decay_tensor for every pair when it is given (decay is then ignored).
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] src, float[] decay, Tensor? decay_tensor) -> ()");
   // L2 / EWC: value = scale * sum_i sum(F_i * (params_i - anchors_i)^2) as a 0-d fp32 tensor, with

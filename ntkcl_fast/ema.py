@@ -63,6 +63,14 @@ def ema_update_(ema, src, decay, *, backend: str = "auto") -> None:
     ema = _validate.tensor_list(ema, "ema")
     src = _validate.tensor_list(src, "src")
     _validate.same_length(ema, "ema", src, "src")
+    name = _backend.resolve(backend, ema[0].device if ema else torch.device("cpu"), "ema_update_")
+    if name in ("cpu", "cuda") and all(t.is_contiguous() for t in ema) and all(t.is_contiguous() for t in src):
+        # The compiled op checks shapes, dtypes, devices and aliasing itself, before any write,
+        # naming argument and index: a Python loop over a model would cost more than the kernel.
+        decays, decay_t = _decay_args(decay, len(ema), ema[0].device if ema else None)
+        if ema:  # an op with no tensor arguments has no device to dispatch on
+            torch.ops.ntkcl_fast.ema_update_(ema, src, decays if decay_t is None else [], decay_t)
+        return
     _validate.same_shapes(ema, "ema", src, "src")
     device = _validate.one_device([("ema", ema), ("src", src)])
     floating, other = [], []
@@ -80,7 +88,6 @@ def ema_update_(ema, src, decay, *, backend: str = "auto") -> None:
             other.append(i)
     decays, decay_t = _decay_args(decay, len(ema), device)
     _validate.no_overlap(ema, "ema", src, "src")
-    name = _backend.resolve(backend, device or torch.device("cpu"), "ema_update_")
     if floating:
         _run(name, [ema[i] for i in floating], [src[i] for i in floating],
              [decays[i] for i in floating] if decay_t is None else [], decay_t)

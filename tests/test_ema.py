@@ -150,13 +150,14 @@ def _bad_calls(device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("case", range(len(_bad_calls("cpu"))))
-def test_bad_input_raises_before_writing(device, case):
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # auto: the compiled op's own checks
+def test_bad_input_raises_before_writing(device, case, backend):
     error, names, make = _bad_calls(device)[case]
     args = make()
     ema = args[0]
     before = [e.clone() for e in ema] if isinstance(ema, list) else []
     with pytest.raises(error, match=names):
-        ntkcl_fast.ema_update_(*args[:3], backend=args[3] if len(args) > 3 else "auto")
+        ntkcl_fast.ema_update_(*args[:3], backend=args[3] if len(args) > 3 else backend)
     for b, e in zip(before, ema):
         assert torch.equal(b, e) or (b.isnan() == e.isnan()).all()
 

@@ -99,9 +99,12 @@ void ema_update_cpu(at::TensorList ema, at::TensorList src, at::ArrayRef<double>
   const bool has_tensor = decay_tensor.has_value() && decay_tensor->defined();
   const double shared = has_tensor ? decay_tensor->item<double>() : 0.0;
   TORCH_CHECK_VALUE(!has_tensor || (shared >= 0.0 && shared <= 1.0), "decay_tensor must be in [0, 1]");
+  const EmaWork work = split_ema_pairs(ema, src, has_tensor ? at::ArrayRef<double>() : decay);
+  const std::vector<at::Tensor>& e = work.ema;
+  const std::vector<at::Tensor>& s = work.src;
 
-  std::vector<int64_t> offset(ema.size() + 1, 0);  // prefix sums of numel
-  for (size_t t = 0; t < ema.size(); ++t) offset[t + 1] = offset[t] + ema[t].numel();
+  std::vector<int64_t> offset(e.size() + 1, 0);  // prefix sums of numel
+  for (size_t t = 0; t < e.size(); ++t) offset[t + 1] = offset[t] + e[t].numel();
   // A grain of 64K elements (~0.75 MB of traffic in fp32) amortizes the scheduling cost.
   constexpr int64_t kGrain = 1 << 16;
   at::parallel_for(0, offset.back(), kGrain, [&](int64_t lo, int64_t hi) {
@@ -109,8 +112,8 @@ void ema_update_cpu(at::TensorList ema, at::TensorList src, at::ArrayRef<double>
     for (int64_t pos = lo; pos < hi; ++t) {
       const int64_t end = std::min(hi, offset[t + 1]);
       if (end > pos) {
-        const double w = 1.0 - (has_tensor ? shared : decay[t]);
-        ema_range(ema[t], src[t], pos - offset[t], end - pos, w);
+        const double w = 1.0 - (has_tensor ? shared : work.decay[t]);
+        ema_range(e[t], s[t], pos - offset[t], end - pos, w);
       }
       pos = std::max(pos, end);
     }

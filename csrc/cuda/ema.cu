@@ -84,11 +84,11 @@ void ema_update_cuda(at::TensorList ema, at::TensorList src, at::ArrayRef<double
     TORCH_CHECK_VALUE(decay_tensor->device() == ema[0].device(), "decay_tensor must be on ", ema[0].device());
   }
   const c10::cuda::CUDAGuard guard(ema[0].device());
+  const EmaWork work = split_ema_pairs(ema, src, has_tensor ? at::ArrayRef<double>() : decay);
   // fp64 on device keeps the decay exact for every math type; the cast is a device op, no sync
   const at::Tensor decay64 = has_tensor ? decay_tensor->to(at::kDouble) : at::Tensor();
   const EmaFunctor functor{has_tensor ? decay64.const_data_ptr<double>() : nullptr};
-  std::vector<double> scalars(decay.begin(), decay.end());
-  mta::multi_tensor_apply<2, double>({ema, src}, scalars, functor);
+  mta::multi_tensor_apply<2, double>({work.ema, work.src}, work.decay, functor);
 }
 
 }  // namespace
