@@ -78,9 +78,9 @@ def ema_update_(ema, src, decay, *, backend: str = "auto") -> None:
         if e.is_floating_point() != s.is_floating_point():
             raise TypeError(f"ema[{i}] ({e.dtype}) and src[{i}] ({s.dtype}) must both be floating or both not")
         if e.is_floating_point():
-            for name, t in (("ema", e), ("src", s)):
+            for arg, t in (("ema", e), ("src", s)):
                 if t.dtype not in _validate.FLOATING:
-                    raise TypeError(f"{name}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+                    raise TypeError(f"{arg}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
             floating.append(i)
         elif e.is_complex() or s.is_complex():
             raise TypeError(f"ema[{i}]/src[{i}] are complex, which EMA does not support")

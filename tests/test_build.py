@@ -36,3 +36,24 @@ def test_cuda_kernels_built_when_a_gpu_is_present():
 def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "ntkcl_fast", "info"], capture_output=True, text=True, check=True)
     assert "backend cpu" in out.stdout and "torch" in out.stdout
+
+
+def test_package_works_without_the_extension():
+    """A missing build leaves the reference backend, and says why the others are missing."""
+    code = (
+        "import sys; sys.modules['ntkcl_fast._C'] = None\n"  # makes `import ntkcl_fast._C` fail
+        "import torch, ntkcl_fast\n"
+        "from ntkcl_fast import _backend\n"
+        "b = ntkcl_fast.backends(); assert b['torch'] and not b['cpu'] and not b['cuda'], b\n"
+        "assert 'not importable' in _backend.unavailable_reason('cpu', 'cpu')\n"
+        "e, s = torch.zeros(3), torch.ones(3)\n"
+        "ntkcl_fast.ema_update_(e, s, 0.5)\n"
+        "assert e.tolist() == [0.5] * 3\n"
+        "try:\n"
+        "    ntkcl_fast.ema_update_(e, s, 0.5, backend='cpu')\n"
+        "except RuntimeError as exc:\n"
+        "    assert 'pip install' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('backend cpu ran without the extension')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -213,3 +213,20 @@ def test_reference_is_the_formula():
     e, s = torch.tensor([2.0], dtype=torch.float64), torch.tensor([10.0], dtype=torch.float64)
     reference.ema_update_([e], [s], [0.75])
     assert e.item() == 2.0 + 0.25 * 8.0
+
+
+@pytest.mark.parametrize("device,backend", [p for p in PAIRS if p.values[1] in ("torch", "triton")])
+def test_the_requested_backend_is_the_one_that_runs(device, backend, monkeypatch):
+    """Guards the dispatch itself: a wrong branch would still give right numbers."""
+    import ntkcl_fast.ema as api
+    calls = []
+    if backend == "torch":
+        original = api.reference.ema_update_
+        monkeypatch.setattr(api.reference, "ema_update_", lambda *a: calls.append(a) or original(*a))
+    else:
+        import ntkcl_fast.triton.ema as triton_ema
+        original = triton_ema.ema_update_
+        monkeypatch.setattr(triton_ema, "ema_update_", lambda *a: calls.append(a) or original(*a))
+    ema = [torch.zeros(5, device=device), torch.zeros(3, device=device).expand(2, 3)[0]]
+    ntkcl_fast.ema_update_(ema, [torch.ones(5, device=device), torch.ones(3, device=device)], 0.5, backend=backend)
+    assert len(calls) == 1 and ema[0].eq(0.5).all()
