@@ -142,17 +142,25 @@ def plot(rows: list[dict], baselines: list[str], meta: dict, path: Path) -> bool
         print(f"note: matplotlib is not installed, skipping {path.name} (`pip install matplotlib`)")
         return False
     ours = [r for r in rows if r["baseline"] is None and r["speedup"]]
-    labels = [f"{r['op']} {r['list']} {r['dtype'] or ''}\n{r['impl']}" for r in ours]
-    height = 0.8 / max(len(baselines), 1)
-    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.55 * len(ours) * max(len(baselines), 1) ** 0.5))
-    for j, b in enumerate(baselines):
-        ys = [i + (j - (len(baselines) - 1) / 2) * height for i in range(len(ours))]
-        vals = [r["speedup"].get(b, float("nan")) for r in ours]
-        bars = ax.barh(ys, vals, height=height, label=f"vs {b}")
-        ax.bar_label(bars, labels=[f"{v:.2f}x" if v == v else "" for v in vals], fontsize=6, padding=2)
+    colors = {b: f"C{j % 10}" for j, b in enumerate(baselines)}
+    # each row gets one bar per baseline it has (families have different baselines), one
+    # colour per baseline name across the whole plot
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.16 * sum(len(r["speedup"]) + 1 for r in ours)))
+    y, ticks, labels, seen = 0.0, [], [], set()
+    for r in ours:
+        names = [b for b in baselines if b in r["speedup"]]
+        ys = [y + k for k in range(len(names))]
+        for yy, b in zip(ys, names):
+            v = r["speedup"][b]
+            bar = ax.barh([yy], [v], height=0.8, color=colors[b], label=None if b in seen else f"vs {b}")
+            ax.bar_label(bar, labels=[f"{v:.2f}x"], fontsize=5, padding=2)
+            seen.add(b)
+        ticks.append(sum(ys) / len(ys))
+        labels.append(f"{r['op']} {r['list']} {r['dtype'] or ''}\n{r['impl']}")
+        y += len(names) + 1
     ax.set_xscale("log")  # speedups below 1 (slower) and far above 1 both stay readable
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(ours)), labels, fontsize=6)
+    ax.set_yticks(ticks, labels, fontsize=5)
     ax.invert_yaxis()
     ax.set_xlabel("speedup (baseline time / ntkcl_fast time)")
     ax.set_title(f"ntkcl_fast on {meta['device_name']} (copy {meta['copy_gbps']:.0f} GB/s)", fontsize=9)
