@@ -10,7 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import ntkcl_fast
-from bench.bench_ema import vit_b16_shapes
+from bench.bench_ema import VIT_B
 
 
 def kernels_of(fn) -> list[str]:
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    shapes = vit_b16_shapes()
+    shapes = VIT_B
     report = {"tensors": len(shapes)}
     for backend in ("cuda", "triton"):
         if not ntkcl_fast.backends()[backend]:
