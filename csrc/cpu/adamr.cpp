@@ -13,33 +13,13 @@
 
 #include "../penalty_checks.h"
 
+#include "tile.h"
+
 namespace ntkcl_fast {
 namespace {
 
 constexpr int64_t kChunk = 16384;
 constexpr int64_t kTile = 256;
-
-template <typename Acc>
-void load_tile(const at::Tensor& t, int64_t off, int64_t n, Acc* out) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return at::vec::convert(t.const_data_ptr<float>() + off, out, n);
-    case at::kDouble: return at::vec::convert(t.const_data_ptr<double>() + off, out, n);
-    case at::kHalf: return at::vec::convert(t.const_data_ptr<at::Half>() + off, out, n);
-    case at::kBFloat16: return at::vec::convert(t.const_data_ptr<at::BFloat16>() + off, out, n);
-    default: TORCH_CHECK(false, "unreachable: dtype checked before");
-  }
-}
-
-template <typename Acc>
-void store_tile(const at::Tensor& t, int64_t off, int64_t n, const Acc* in) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return at::vec::convert(in, t.data_ptr<float>() + off, n);
-    case at::kDouble: return at::vec::convert(in, t.data_ptr<double>() + off, n);
-    case at::kHalf: return at::vec::convert(in, t.data_ptr<at::Half>() + off, n);
-    case at::kBFloat16: return at::vec::convert(in, t.data_ptr<at::BFloat16>() + off, n);
-    default: TORCH_CHECK(false, "unreachable: dtype checked before");
-  }
-}
 
 struct Hyper {
   double lr, beta1, beta2, eps, wd, pull, step_size, inv_sqrt_bc2;

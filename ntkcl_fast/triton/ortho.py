@@ -28,8 +28,10 @@ BM, BN, BK = 16, 16, 32  # tl.dot needs every block dim >= 16
 
 
 @triton.jit
-def _fo_fwd_kernel(f_ptr, p_ptr, partials, B, K, D, NORMALIZE: tl.constexpr, EPS: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr):
+def _cosine_tile(f_ptr, p_ptr, B, K, D, NORMALIZE: tl.constexpr, EPS: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr):
+    """This program's [BM, BN] tile of S = norm(f) @ norm(p).T (zero outside B x K), with its row and
+    column indices, validity mask and inverse row norms (1 when not normalizing)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -55,6 +57,14 @@ def _fo_fwd_kernel(f_ptr, p_ptr, partials, B, K, D, NORMALIZE: tl.constexpr, EPS
     s = acc * inv_f[:, None] * inv_p[None, :]
     valid = (rows[:, None] < B) & (cols[None, :] < K)
     s = tl.where(valid, s, 0.0)
+    return s, rows, cols, valid, inv_f, inv_p
+
+
+@triton.jit
+def _fo_fwd_kernel(f_ptr, p_ptr, partials, B, K, D, NORMALIZE: tl.constexpr, EPS: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    s, rows, cols, valid, inv_f, inv_p = _cosine_tile(f_ptr, p_ptr, B, K, D, NORMALIZE, EPS, BM, BN, BK, KT)
     tl.store(partials + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(s * s, axis=1), axis=0))
 
 
@@ -63,30 +73,7 @@ def _fo_grad_s_kernel(f_ptr, p_ptr, g_ptr, rowdot_f, rowdot_p, inv_f_ptr, inv_p_
                       NORMALIZE: tl.constexpr, EPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, KT: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    fss = tl.zeros((BM,), dtype=tl.float32)
-    pss = tl.zeros((BN,), dtype=tl.float32)
-    for kb in range(0, KT):
-        ks = kb * BK + tl.arange(0, BK)
-        f = tl.load(f_ptr + rows[:, None].to(tl.int64) * D + ks[None, :],
-                    mask=(rows[:, None] < B) & (ks[None, :] < D), other=0.0).to(tl.float32)
-        p = tl.load(p_ptr + cols[:, None].to(tl.int64) * D + ks[None, :],
-                    mask=(cols[:, None] < K) & (ks[None, :] < D), other=0.0).to(tl.float32)
-        acc += tl.dot(f, tl.trans(p), input_precision="ieee")
-        if NORMALIZE:
-            fss += tl.sum(f * f, axis=1)
-            pss += tl.sum(p * p, axis=1)
-    if NORMALIZE:
-        inv_f = 1.0 / tl.maximum(tl.sqrt(fss), EPS)
-        inv_p = 1.0 / tl.maximum(tl.sqrt(pss), EPS)
-    else:
-        inv_f = tl.full((BM,), 1.0, tl.float32)
-        inv_p = tl.full((BN,), 1.0, tl.float32)
-    s = acc * inv_f[:, None] * inv_p[None, :]
-    valid = (rows[:, None] < B) & (cols[None, :] < K)
-    s = tl.where(valid, s, 0.0)
+    s, rows, cols, valid, inv_f, inv_p = _cosine_tile(f_ptr, p_ptr, B, K, D, NORMALIZE, EPS, BM, BN, BK, KT)
     g = s * tl.load(coef_ptr)  # dL/dS = 2 c grad_output S
     tl.store(g_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], g, mask=valid)
     if NORMALIZE:
