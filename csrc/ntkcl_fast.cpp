@@ -42,9 +42,12 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   m.def("magnitude_prune_(Tensor(a!) delta, int k) -> ()");
   // Orthogonality and feature losses (docs/API.md): 0-d value in fp32 (fp64 when an input is fp64)
   // and closed-form gradients in each input's dtype; rows normalized as x / max(||x||, 1e-12).
-  m.def("feature_orthogonality(Tensor features, Tensor prototypes, bool normalize, bool mean) -> Tensor");
-  m.def("feature_orthogonality_backward(Tensor grad_output, Tensor features, Tensor prototypes, bool normalize, "
-        "bool mean) -> (Tensor, Tensor)");
+  // feature_orthogonality returns (value, S = n(f) n(p)^T [B, K], max(||f_i||, eps) [B],
+  // max(||p_k||, eps) [K]); the backward takes them back instead of recomputing S.
+  m.def("feature_orthogonality(Tensor features, Tensor prototypes, bool normalize, bool mean) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("feature_orthogonality_backward(Tensor grad_output, Tensor s, Tensor f_norm, Tensor p_norm, "
+        "Tensor features, Tensor prototypes, bool normalize, bool mean) -> (Tensor, Tensor)");
   m.def("projection_residual(Tensor features, Tensor basis, bool normalize, bool sumsq) -> Tensor");
   m.def("projection_residual_backward(Tensor grad_output, Tensor features, Tensor basis, bool normalize, "
         "bool sumsq) -> (Tensor, Tensor)");

@@ -63,42 +63,64 @@ inline at::Tensor zero_d(const at::Tensor& like, at::ScalarType acc) {
 }
 
 // ---------------------------------------------------------------- feature orthogonality
-inline at::Tensor feature_orthogonality(const at::Tensor& features, const at::Tensor& prototypes, bool normalize,
-                                        bool mean) {
+// Forward: (value, S, ||f||, ||p||) with S = n(f) n(p)^T [B, K] and the clamped row norms
+// max(||x||, eps) (ones when not normalizing), all in the math dtype. The backward takes S and
+// the norms back instead of recomputing them: two GEMMs in the backward, three in all.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_orthogonality(
+    const at::Tensor& features, const at::Tensor& prototypes, bool normalize, bool mean) {
   check_matrix(features, "features");
   check_matrix(prototypes, "prototypes");
   TORCH_CHECK(features.size(1) == prototypes.size(1), "features and prototypes must have the same columns");
   const auto acc = acc_type({features.scalar_type(), prototypes.scalar_type()});
-  at::Tensor f = features.to(acc), p = prototypes.to(acc);
-  if (features.numel() == 0 || prototypes.numel() == 0) return zero_d(features, acc);
+  const auto opts = features.options().dtype(acc);
+  const int64_t b = features.size(0), k = prototypes.size(0);
+  if (features.numel() == 0 || prototypes.numel() == 0)
+    return {zero_d(features, acc), at::zeros({b, k}, opts), at::ones({b}, opts), at::ones({k}, opts)};
+  at::Tensor f = features.to(acc), p = prototypes.to(acc), nf, np;
   if (normalize) {
-    f = normalize_rows(f).x;
-    p = normalize_rows(p).x;
+    Normalized a = normalize_rows(f), c = normalize_rows(p);
+    f = a.x;
+    p = c.x;
+    nf = a.norm.reshape({b});
+    np = c.norm.reshape({k});
+  } else {
+    nf = at::ones({b}, opts);
+    np = at::ones({k}, opts);
   }
   at::Tensor s = at::mm(f, p.t());
   at::Tensor v = s.square().sum();
   if (mean) v = v / static_cast<double>(s.numel());
-  return v;
+  return {v, s, nf, np};
 }
 
-inline std::tuple<at::Tensor, at::Tensor> feature_orthogonality_backward(const at::Tensor& grad_output,
-                                                                          const at::Tensor& features,
-                                                                          const at::Tensor& prototypes,
-                                                                          bool normalize, bool mean) {
+// With G = dL/dS = c S (c = 2 go, / (B K) for the mean) and n = x / |x|:
+//   df = (G / |p|) p / |f| - live_f * rowsum(G S) / |f|^2 * f     (dp likewise with G^T)
+// i.e. one scaled copy of f and one addmm_ into it; no normalized copies, no product recomputed.
+inline std::tuple<at::Tensor, at::Tensor> feature_orthogonality_backward(
+    const at::Tensor& grad_output, const at::Tensor& s, const at::Tensor& f_norm, const at::Tensor& p_norm,
+    const at::Tensor& features, const at::Tensor& prototypes, bool normalize, bool mean) {
   const auto acc = acc_type({features.scalar_type(), prototypes.scalar_type()});
   if (features.numel() == 0 || prototypes.numel() == 0)
     return {at::zeros_like(features), at::zeros_like(prototypes)};
-  Normalized f{features.to(acc), {}}, p{prototypes.to(acc), {}};
-  if (normalize) {
-    f = normalize_rows(f.x);
-    p = normalize_rows(p.x);
-  }
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == features.size(0) && s.size(1) == prototypes.size(0),
+              "s must have shape [B, K]");
   const double c = 2.0 / (mean ? static_cast<double>(features.size(0) * prototypes.size(0)) : 1.0);
-  at::Tensor g = at::mm(f.x, p.x.t()) * (grad_output.to(acc) * c);  // dL/dS, recomputed
-  at::Tensor df = at::mm(g, p.x), dp = at::mm(g.t(), f.x);
-  if (normalize) {
-    df = normalize_backward(df, f);
-    dp = normalize_backward(dp, p);
+  at::Tensor go = grad_output.to(acc) * c;
+  at::Tensor f = features.to(acc), p = prototypes.to(acc), sa = s.to(acc);
+  at::Tensor df, dp;
+  if (!normalize) {
+    at::Tensor g = sa * go;
+    df = at::mm(g, p);
+    dp = at::mm(g.t(), f);
+  } else {
+    at::Tensor inv_f = f_norm.to(acc).reciprocal(), inv_p = p_norm.to(acc).reciprocal();
+    at::Tensor w = sa * (inv_f * go).unsqueeze(1) * inv_p.unsqueeze(0);
+    at::Tensor s2 = sa.square();
+    at::Tensor live_f = f_norm.gt(kEps), live_p = p_norm.gt(kEps);
+    at::Tensor coef_f = at::where(live_f, s2.sum(1) * inv_f.square(), at::zeros({}, sa.options())) * (-go);
+    at::Tensor coef_p = at::where(live_p, s2.sum(0) * inv_p.square(), at::zeros({}, sa.options())) * (-go);
+    df = (f * coef_f.unsqueeze(1)).addmm_(w, p);
+    dp = (p * coef_p.unsqueeze(1)).addmm_(w.t(), f);
   }
   return {df.to(features.scalar_type()), dp.to(prototypes.scalar_type())};
 }

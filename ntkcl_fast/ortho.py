@@ -237,14 +237,26 @@ class _FeatureOrthogonality(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, normalize, mean, features, prototypes):
         ctx.name, ctx.normalize, ctx.mean = name, normalize, mean
-        ctx.save_for_backward(features, prototypes)
-        return _ops(name).feature_orthogonality(features.contiguous(), prototypes.contiguous(), normalize, mean)
+        if name == "triton":  # the Triton backward recomputes S tile by tile
+            ctx.save_for_backward(features, prototypes)
+            return _ops(name).feature_orthogonality(features.contiguous(), prototypes.contiguous(), normalize, mean)
+        # cpu / cuda: the forward op also returns S [B, K] and the row norms, kept for the backward
+        value, s, f_norm, p_norm = _ops(name).feature_orthogonality(features.contiguous(), prototypes.contiguous(),
+                                                                    normalize, mean)
+        ctx.save_for_backward(features, prototypes, s, f_norm, p_norm)
+        return value
 
     @staticmethod
     def backward(ctx, grad_output):
-        f, p = ctx.saved_tensors
-        df, dp = _ops(ctx.name).feature_orthogonality_backward(_go(grad_output), f.contiguous(), p.contiguous(),
-                                                                ctx.normalize, ctx.mean)
+        f, p, *kept = ctx.saved_tensors
+        if ctx.name == "triton":
+            df, dp = _ops(ctx.name).feature_orthogonality_backward(_go(grad_output), f.contiguous(), p.contiguous(),
+                                                                    ctx.normalize, ctx.mean)
+        else:
+            s, f_norm, p_norm = kept
+            df, dp = _ops(ctx.name).feature_orthogonality_backward(_go(grad_output), s, f_norm, p_norm,
+                                                                    f.contiguous(), p.contiguous(),
+                                                                    ctx.normalize, ctx.mean)
         return (None, None, None, *_need(ctx, 3, (f, p), (df, dp)))
 
 
@@ -317,10 +329,13 @@ if _backend._C is not None and hasattr(torch.ops.ntkcl_fast, "feature_orthogonal
 
     @torch.library.register_fake("ntkcl_fast::feature_orthogonality")
     def _fo_fake(features, prototypes, normalize, mean):
-        return _value(features, prototypes)
+        dtype = _out_dtype(features, prototypes)
+        b, k = features.shape[0], prototypes.shape[0]
+        return (_value(features, prototypes), features.new_empty((b, k), dtype=dtype),
+                features.new_empty((b,), dtype=dtype), features.new_empty((k,), dtype=dtype))
 
     @torch.library.register_fake("ntkcl_fast::feature_orthogonality_backward")
-    def _fo_bwd_fake(grad_output, features, prototypes, normalize, mean):
+    def _fo_bwd_fake(grad_output, s, f_norm, p_norm, features, prototypes, normalize, mean):
         return torch.empty_like(features), torch.empty_like(prototypes)
 
     @torch.library.register_fake("ntkcl_fast::projection_residual")

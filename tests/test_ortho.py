@@ -443,6 +443,11 @@ def test_unavailable_backend_raises_runtime_error():
 
 # ----------------------------------------------------------------------------- opcheck of the registered ops
 
+def _fo_kept(f, p, normalize, mean):
+    """(S, ||f||, ||p||) as the forward op returns them for its backward."""
+    return torch.ops.ntkcl_fast.feature_orthogonality(f, p, normalize, mean)[1:]
+
+
 def _opcheck_cases(device):
     gen = torch.Generator().manual_seed(21)
 
@@ -457,7 +462,8 @@ def _opcheck_cases(device):
     return [
         ("feature_orthogonality", (f, p, True, True)),
         ("feature_orthogonality", (f.to(torch.bfloat16), p, False, False)),
-        ("feature_orthogonality_backward", (go, f, p, True, True)),
+        ("feature_orthogonality_backward", (go, *_fo_kept(f, p, True, True), f, p, True, True)),
+        ("feature_orthogonality_backward", (go, *_fo_kept(f, p, False, False), f, p, False, False)),
         ("projection_residual", (f, u, True, False)),
         ("projection_residual", (f, u, False, True)),
         ("projection_residual_backward", (go, f, u, True, True)),
