@@ -56,9 +56,12 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   m.def("cross_orthogonality(Tensor[] old, Tensor[] new, bool l1) -> Tensor");
   m.def("cross_orthogonality_backward(Tensor grad_output, Tensor[] old, Tensor[] new, bool l1) "
         "-> (Tensor[], Tensor[])");
-  m.def("ntkcl_contrastive(Tensor features, Tensor labels, float temperature) -> Tensor");
-  m.def("ntkcl_contrastive_backward(Tensor grad_output, Tensor features, Tensor labels, float temperature) "
-        "-> Tensor");
+  // ntkcl_contrastive returns (value, S = n n^T / t [N, N], max(||f_i||, eps) [N], lse over the
+  // positive pairs [], row lse over j != i [N]); the backward takes them back.
+  m.def("ntkcl_contrastive(Tensor features, Tensor labels, float temperature) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ntkcl_contrastive_backward(Tensor grad_output, Tensor s, Tensor f_norm, Tensor lse_pos, Tensor lse_row, "
+        "Tensor features, Tensor labels, float temperature) -> Tensor");
 }
 
 #ifdef NTKCL_PYTHON_MODULE

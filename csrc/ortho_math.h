@@ -272,29 +272,51 @@ inline Contrastive contrastive_parts(const at::Tensor& features, const at::Tenso
   return c;
 }
 
-inline at::Tensor ntkcl_contrastive(const at::Tensor& features, const at::Tensor& labels, double temperature) {
+// Forward: (value, S [N, N], max(||f_i||, eps) [N], lse over pos [], row lse over j != i [N]),
+// the last four in the math dtype and kept for the backward (lse over pos is -inf, and the value
+// +inf, when no two rows share a label).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntkcl_contrastive(
+    const at::Tensor& features, const at::Tensor& labels, double temperature) {
   check_matrix(features, "features");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0), "labels must have shape [N]");
   const auto acc = acc_type({features.scalar_type()});
-  if (features.size(0) == 0) return at::full({}, std::numeric_limits<double>::infinity(), features.options().dtype(acc));
+  const auto opts = features.options().dtype(acc);
+  const double inf = std::numeric_limits<double>::infinity();
+  const int64_t n = features.size(0);
+  if (n == 0)
+    return {at::full({}, inf, opts), at::zeros({0, 0}, opts), at::ones({0}, opts), at::full({}, -inf, opts),
+            at::zeros({0}, opts)};
   Contrastive c = contrastive_parts(features, labels, temperature);
-  if (!c.any_pos) return at::full({}, std::numeric_limits<double>::infinity(), features.options().dtype(acc));
-  return -c.lse_pos + c.lse_row.mean();
+  at::Tensor norm = c.f.norm.reshape({n});
+  if (!c.any_pos) return {at::full({}, inf, opts), c.s, norm, at::full({}, -inf, opts), c.lse_row};
+  return {-c.lse_pos + c.lse_row.mean(), c.s, norm, c.lse_pos, c.lse_row};
 }
 
-// dL/dS = -softmax over pos + (1/N) row softmax over j != i; dn = (dS + dS^T) n / t.
-inline at::Tensor ntkcl_contrastive_backward(const at::Tensor& grad_output, const at::Tensor& features,
+// dL/dS = -softmax over pos + (1/N) row softmax over j != i; with M = (dS + dS^T) / t and
+// n = f / |f|: dn = M n, <dn_i, n_i> = t rowsum(M o S)_i, so
+//   df = (M / (|f_i| |f_j|)) f - live_i * t rowsum(M o S)_i / |f_i|^2 * f_i
+// (one scaled copy of f and one addmm_ into it; S and the log-sum-exps come from the forward).
+inline at::Tensor ntkcl_contrastive_backward(const at::Tensor& grad_output, const at::Tensor& s,
+                                             const at::Tensor& f_norm, const at::Tensor& lse_pos,
+                                             const at::Tensor& lse_row, const at::Tensor& features,
                                              const at::Tensor& labels, double temperature) {
-  if (features.size(0) == 0) return at::zeros_like(features);
-  Contrastive c = contrastive_parts(features, labels, temperature);
-  if (!c.any_pos) return at::zeros_like(features);
   const int64_t n = features.size(0);
-  at::Tensor zero = at::zeros({}, c.s.options());
-  at::Tensor p_pos = at::where(c.pos, (c.s - c.lse_pos).exp(), zero);
-  at::Tensor p_row = at::where(c.off_diag, (c.s - c.lse_row.unsqueeze(1)).exp(), zero);
-  at::Tensor ds = (p_row / static_cast<double>(n) - p_pos) * grad_output.to(c.s.scalar_type());
-  at::Tensor dn = at::mm(ds + ds.t(), c.f.x) / temperature;
-  return normalize_backward(dn, c.f).to(features.scalar_type());
+  if (n == 0) return at::zeros_like(features);
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == n && s.size(1) == n, "s must have shape [N, N]");
+  const auto acc = acc_type({features.scalar_type()});
+  at::Tensor off_diag = at::eye(n, labels.options().dtype(at::kBool)).logical_not();
+  at::Tensor pos = labels.unsqueeze(1).eq(labels.unsqueeze(0)).logical_and(off_diag);
+  if (!pos.any().item<bool>()) return at::zeros_like(features);
+  at::Tensor sa = s.to(acc), f = features.to(acc);
+  at::Tensor zero = at::zeros({}, sa.options());
+  at::Tensor p_pos = at::where(pos, (sa - lse_pos.to(acc)).exp(), zero);
+  at::Tensor p_row = at::where(off_diag, (sa - lse_row.to(acc).unsqueeze(1)).exp(), zero);
+  at::Tensor ds = (p_row / static_cast<double>(n) - p_pos) * grad_output.to(acc);
+  at::Tensor m = (ds + ds.t()) / temperature;
+  at::Tensor inv = f_norm.to(acc).reciprocal();
+  at::Tensor coef = at::where(f_norm.gt(kEps), (m * sa).sum(1) * inv.square(), zero) * (-temperature);
+  at::Tensor w = m * inv.unsqueeze(1) * inv.unsqueeze(0);
+  return (f * coef.unsqueeze(1)).addmm_(w, f).to(features.scalar_type());
 }
 
 }  // namespace ortho

@@ -311,14 +311,16 @@ class _NtkclContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, temperature, features, labels):
         ctx.name, ctx.temperature = name, temperature
-        ctx.save_for_backward(features, labels)
-        return _ops(name).ntkcl_contrastive(features.contiguous(), labels.contiguous(), temperature)
+        # the forward op also returns S, the row norms and both log-sum-exps, kept for the backward
+        value, *kept = _ops(name).ntkcl_contrastive(features.contiguous(), labels.contiguous(), temperature)
+        ctx.save_for_backward(features, labels, *kept)
+        return value
 
     @staticmethod
     def backward(ctx, grad_output):
-        f, labels = ctx.saved_tensors
-        df = _ops(ctx.name).ntkcl_contrastive_backward(_go(grad_output), f.contiguous(), labels.contiguous(),
-                                                       ctx.temperature)
+        f, labels, *kept = ctx.saved_tensors
+        df = _ops(ctx.name).ntkcl_contrastive_backward(_go(grad_output), *kept, f.contiguous(),
+                                                       labels.contiguous(), ctx.temperature)
         return None, None, df if ctx.needs_input_grad[2] else None, None
 
 
@@ -364,10 +366,13 @@ if _backend._C is not None and hasattr(torch.ops.ntkcl_fast, "feature_orthogonal
 
     @torch.library.register_fake("ntkcl_fast::ntkcl_contrastive")
     def _nc_fake(features, labels, temperature):
-        return _value(features)
+        dtype = _out_dtype(features)
+        n = features.shape[0]
+        return (_value(features), features.new_empty((n, n), dtype=dtype), features.new_empty((n,), dtype=dtype),
+                _value(features), features.new_empty((n,), dtype=dtype))
 
     @torch.library.register_fake("ntkcl_fast::ntkcl_contrastive_backward")
-    def _nc_bwd_fake(grad_output, features, labels, temperature):
+    def _nc_bwd_fake(grad_output, s, f_norm, lse_pos, lse_row, features, labels, temperature):
         return torch.empty_like(features)
 
 

@@ -457,6 +457,7 @@ def _opcheck_cases(device):
     go = torch.tensor(0.7, device=device)
     f, p, u = r(5, 8), r(3, 8), r(8, 2)
     labels = torch.tensor([0, 1, 0, 1, 2], device=device)
+    no_pos = torch.arange(5, device=device)
     ws = [r(3, 8), r(4, 6, dtype=torch.bfloat16)]
     old, new = [r(2, 8), r(3, 6)], [r(4, 8), r(1, 6)]
     return [
@@ -472,7 +473,10 @@ def _opcheck_cases(device):
         ("cross_orthogonality", (old, new, True)),
         ("cross_orthogonality_backward", (go, old, new, False)),
         ("ntkcl_contrastive", (f, labels, 0.1)),
-        ("ntkcl_contrastive_backward", (go, f, labels, 0.1)),
+        ("ntkcl_contrastive_backward", (go, *torch.ops.ntkcl_fast.ntkcl_contrastive(f, labels, 0.1)[1:], f, labels,
+                                        0.1)),
+        ("ntkcl_contrastive_backward", (go, *torch.ops.ntkcl_fast.ntkcl_contrastive(f, no_pos, 0.1)[1:], f, no_pos,
+                                        0.1)),
     ]
 
 
