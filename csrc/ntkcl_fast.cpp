@@ -53,9 +53,11 @@ TORCH_LIBRARY(ntkcl_fast, m) {
         "bool sumsq) -> (Tensor, Tensor)");
   m.def("gram_orthogonality(Tensor[] weights, bool mean) -> Tensor");
   m.def("gram_orthogonality_backward(Tensor grad_output, Tensor[] weights, bool mean) -> Tensor[]");
-  m.def("cross_orthogonality(Tensor[] old, Tensor[] new, bool l1) -> Tensor");
-  m.def("cross_orthogonality_backward(Tensor grad_output, Tensor[] old, Tensor[] new, bool l1) "
-        "-> (Tensor[], Tensor[])");
+  // cross_orthogonality returns (value, [old_l new_l^T]); the backward takes the products back.
+  m.def("cross_orthogonality(Tensor[] old, Tensor[] new, bool l1) -> (Tensor, Tensor[])");
+  // old_grad / new_grad false: that side's list comes back empty.
+  m.def("cross_orthogonality_backward(Tensor grad_output, Tensor[] products, Tensor[] old, Tensor[] new, bool l1, "
+        "bool old_grad, bool new_grad) -> (Tensor[], Tensor[])");
   // ntkcl_contrastive returns (value, S = n n^T / t [N, N], max(||f_i||, eps) [N], lse over the
   // positive pairs [], row lse over j != i [N]); the backward takes them back.
   m.def("ntkcl_contrastive(Tensor features, Tensor labels, float temperature) "

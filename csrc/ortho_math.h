@@ -214,37 +214,48 @@ inline std::vector<at::Tensor> gram_orthogonality_backward(const at::Tensor& gra
 }
 
 // ---------------------------------------------------------------- cross orthogonality
-inline at::Tensor cross_orthogonality(at::TensorList old_w, at::TensorList new_w, bool l1) {
+// Forward: (value, [P_l = old_l new_l^T] in the math dtype), the products kept for the backward.
+inline std::tuple<at::Tensor, std::vector<at::Tensor>> cross_orthogonality(at::TensorList old_w, at::TensorList new_w,
+                                                                           bool l1) {
   TORCH_CHECK(old_w.size() == new_w.size() && !old_w.empty(), "old and new must have the same, non-zero length");
   const auto acc = acc_type_of(old_w, new_w);
-  at::Tensor total = zero_d(old_w[0], acc);
+  std::vector<at::Tensor> products, terms;
   for (size_t i = 0; i < old_w.size(); ++i) {
     check_matrix(old_w[i], "old[i]");
     check_matrix(new_w[i], "new[i]");
     TORCH_CHECK(old_w[i].size(1) == new_w[i].size(1), "old[i] and new[i] must have the same columns");
-    if (old_w[i].numel() == 0 || new_w[i].numel() == 0) continue;
+    if (old_w[i].numel() == 0 || new_w[i].numel() == 0) {
+      products.push_back(at::zeros({old_w[i].size(0), new_w[i].size(0)}, old_w[i].options().dtype(acc)));
+      continue;
+    }
     at::Tensor p = at::mm(old_w[i].to(acc), new_w[i].to(acc).t());
-    total = total + (l1 ? p.abs().sum() : p.square().sum());
+    terms.push_back(l1 ? p.abs().sum() : p.square().sum());
+    products.push_back(p);
   }
-  return total;
+  at::Tensor total = terms.empty() ? zero_d(old_w[0], acc) : at::stack(terms).sum();
+  return {total, products};
 }
 
 // l1: dA = sign(P) B, dB = sign(P)^T A (sign(0) = 0, as autograd's abs); fro2: 2P in place of sign(P).
+// A side whose flag is false gets an empty list (no GEMM for frozen old tasks' matrices).
 inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cross_orthogonality_backward(
-    const at::Tensor& grad_output, at::TensorList old_w, at::TensorList new_w, bool l1) {
+    const at::Tensor& grad_output, at::TensorList products, at::TensorList old_w, at::TensorList new_w, bool l1,
+    bool old_grad, bool new_grad) {
   const auto acc = acc_type_of(old_w, new_w);
+  TORCH_CHECK(products.size() == old_w.size() && old_w.size() == new_w.size(),
+              "products, old and new must have the same length");
+  at::Tensor go = grad_output.to(acc) * (l1 ? 1.0 : 2.0);
   std::vector<at::Tensor> d_old, d_new;
   for (size_t i = 0; i < old_w.size(); ++i) {
     if (old_w[i].numel() == 0 || new_w[i].numel() == 0) {
-      d_old.push_back(at::zeros_like(old_w[i]));
-      d_new.push_back(at::zeros_like(new_w[i]));
+      if (old_grad) d_old.push_back(at::zeros_like(old_w[i]));
+      if (new_grad) d_new.push_back(at::zeros_like(new_w[i]));
       continue;
     }
-    at::Tensor a = old_w[i].to(acc), b = new_w[i].to(acc);
-    at::Tensor p = at::mm(a, b.t());
-    at::Tensor g = (l1 ? p.sign() : 2.0 * p) * grad_output.to(acc);
-    d_old.push_back(at::mm(g, b).to(old_w[i].scalar_type()));
-    d_new.push_back(at::mm(g.t(), a).to(new_w[i].scalar_type()));
+    at::Tensor p = products[i].to(acc);
+    at::Tensor g = (l1 ? p.sign() : p) * go;
+    if (old_grad) d_old.push_back(at::mm(g, new_w[i].to(acc)).to(old_w[i].scalar_type()));
+    if (new_grad) d_new.push_back(at::mm(g.t(), old_w[i].to(acc)).to(new_w[i].scalar_type()));
   }
   return {d_old, d_new};
 }

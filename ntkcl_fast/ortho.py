@@ -294,17 +294,24 @@ class _CrossOrthogonality(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, l1, n, *tensors):
         ctx.name, ctx.l1, ctx.n = name, l1, n
-        ctx.save_for_backward(*tensors)
         t = [x.contiguous() for x in tensors]
-        return _ops(name).cross_orthogonality(t[:n], t[n:], l1)
+        # the forward op also returns the products old_l new_l^T, kept for the backward
+        value, products = _ops(name).cross_orthogonality(t[:n], t[n:], l1)
+        ctx.save_for_backward(*tensors, *products)
+        return value
 
     @staticmethod
     def backward(ctx, grad_output):
-        tensors = ctx.saved_tensors
         n = ctx.n
+        saved = ctx.saved_tensors
+        tensors, products = saved[:2 * n], list(saved[2 * n:])
         t = [x.contiguous() for x in tensors]
-        d_old, d_new = _ops(ctx.name).cross_orthogonality_backward(_go(grad_output), t[:n], t[n:], ctx.l1)
-        return (None, None, None, *_need(ctx, 3, tensors, list(d_old) + list(d_new)))
+        old_grad, new_grad = any(ctx.needs_input_grad[3:3 + n]), any(ctx.needs_input_grad[3 + n:])
+        d_old, d_new = _ops(ctx.name).cross_orthogonality_backward(_go(grad_output), products, t[:n], t[n:], ctx.l1,
+                                                                   old_grad, new_grad)
+        d_old = list(d_old) if old_grad else [None] * n
+        d_new = list(d_new) if new_grad else [None] * n
+        return (None, None, None, *_need(ctx, 3, tensors, d_old + d_new))
 
 
 class _NtkclContrastive(torch.autograd.Function):
@@ -358,11 +365,13 @@ if _backend._C is not None and hasattr(torch.ops.ntkcl_fast, "feature_orthogonal
 
     @torch.library.register_fake("ntkcl_fast::cross_orthogonality")
     def _cross_fake(old, new, l1):
-        return _value(*old, *new)
+        dtype = _out_dtype(*old, *new)
+        return _value(*old, *new), [a.new_empty((a.shape[0], b.shape[0]), dtype=dtype) for a, b in zip(old, new)]
 
     @torch.library.register_fake("ntkcl_fast::cross_orthogonality_backward")
-    def _cross_bwd_fake(grad_output, old, new, l1):
-        return [torch.empty_like(t) for t in old], [torch.empty_like(t) for t in new]
+    def _cross_bwd_fake(grad_output, products, old, new, l1, old_grad, new_grad):
+        return ([torch.empty_like(t) for t in old] if old_grad else [],
+                [torch.empty_like(t) for t in new] if new_grad else [])
 
     @torch.library.register_fake("ntkcl_fast::ntkcl_contrastive")
     def _nc_fake(features, labels, temperature):
