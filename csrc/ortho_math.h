@@ -2,9 +2,11 @@
 // shared by the CPU (cpu/ortho.cpp) and CUDA (cuda/ortho.cu) registrations.
 //
 // The matrix products go to ATen (MKL/oneDNN on CPU, cuBLAS on CUDA); everything around them is
-// closed form: the backward recomputes the small B x K / N x N products instead of keeping an
-// autograd graph of temporaries, and the projection residual never forms the B x D residual nor
-// a D x D matrix (its value and gradient use only f @ U [B, r] and U^T U [r, r]).
+// closed form: feature orthogonality, the contrastive term and cross orthogonality return the
+// small B x K / N x N / r x s products (and norms, log-sum-exps) from the forward for their
+// backward; gram orthogonality and the projection residual recompute their small products. The
+// projection residual never forms the B x D residual nor a D x D matrix (its value and gradient
+// use only f @ U [B, r] and U^T U [r, r]).
 // Math in fp32, fp64 when an input is fp64; gradients are rounded once to each input's dtype.
 // Row normalization is x / max(||x||, kEps), kEps = 1e-12 (torch.nn.functional.normalize).
 #pragma once

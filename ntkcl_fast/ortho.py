@@ -214,9 +214,11 @@ def ntkcl_contrastive(features, labels, *, temperature: float = 0.1, backend: st
 
 
 # ----------------------------------------------------------------------------- autograd over fused ops
-# Forward: one fused value op. Backward: one op that recomputes the small products and writes the
-# closed-form gradient (no autograd graph of temporaries). cpu and cuda run the ntkcl_fast:: ops;
-# triton runs the launchers of ntkcl_fast/triton/ortho.py with the same signatures.
+# Forward: one fused value op. Backward: one op that writes the closed-form gradient (no autograd
+# graph of temporaries). cpu and cuda run the ntkcl_fast:: ops; the forward ops of
+# feature_orthogonality, ntkcl_contrastive and cross_orthogonality also return the products (and
+# norms, log-sum-exps) their backward needs, saved here and handed back instead of recomputed.
+# triton runs the launchers of ntkcl_fast/triton/ortho.py (value only; its backward recomputes).
 
 def _ops(name: str):
     if name == "triton":
