@@ -276,6 +276,30 @@ def test_cross_orthogonality(device, backend, case, dtype, norm):
            old + new, backend=backend, device=device, what=f"cross {case}")
 
 
+@pytest.mark.parametrize("frozen", ["old", "new"])
+@pytest.mark.parametrize("norm", ["l1", "fro2"])
+@pytest.mark.parametrize("device,backend", _pairs("cross_orthogonality"))
+def test_cross_orthogonality_one_side_frozen(device, backend, norm, frozen):
+    """O-LoRA freezes the old tasks' matrices: the trained side's gradient is unchanged and the
+    frozen side gets none."""
+    gen = torch.Generator().manual_seed(5)
+    old = [_rand(gen, s, device, torch.float32) for s in [(6, 16), (4, 24)]]
+    new = [_rand(gen, s, device, torch.float32) for s in [(3, 16), (2, 24)]]
+    train = new if frozen == "old" else old
+    for t in train:
+        t.requires_grad_()
+    out = ntkcl_fast.cross_orthogonality(old, new, norm=norm, backend=backend)
+    grads = torch.autograd.grad(out, train)
+    o64 = [t.detach().double().requires_grad_(frozen == "new") for t in old]
+    n64 = [t.detach().double().requires_grad_(frozen == "old") for t in new]
+    ref = reference.cross_orthogonality(o64, n64, norm)
+    want = torch.autograd.grad(ref, n64 if frozen == "old" else o64)
+    torch.testing.assert_close(out.double().cpu(), ref.detach().cpu(), rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g.double().cpu(), w.cpu(), rtol=1e-5, atol=1e-5)
+    assert all(t.grad is None for t in (old if frozen == "old" else new))
+
+
 # ----------------------------------------------------------------------------- ntkcl_contrastive
 
 SMALL_NC = [(2, 1), (5, 3), (33, 64)]
