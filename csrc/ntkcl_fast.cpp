@@ -51,8 +51,9 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   m.def("projection_residual(Tensor features, Tensor basis, bool normalize, bool sumsq) -> Tensor");
   m.def("projection_residual_backward(Tensor grad_output, Tensor features, Tensor basis, bool normalize, "
         "bool sumsq) -> (Tensor, Tensor)");
-  m.def("gram_orthogonality(Tensor[] weights, bool mean) -> Tensor");
-  m.def("gram_orthogonality_backward(Tensor grad_output, Tensor[] weights, bool mean) -> Tensor[]");
+  // gram_orthogonality returns (value, [W_l W_l^T - I]); the backward takes them back.
+  m.def("gram_orthogonality(Tensor[] weights, bool mean) -> (Tensor, Tensor[])");
+  m.def("gram_orthogonality_backward(Tensor grad_output, Tensor[] grams, Tensor[] weights, bool mean) -> Tensor[]");
   // cross_orthogonality returns (value, [old_l new_l^T]); the backward takes the products back.
   m.def("cross_orthogonality(Tensor[] old, Tensor[] new, bool l1) -> (Tensor, Tensor[])");
   // old_grad / new_grad false: that side's list comes back empty.

@@ -4,7 +4,7 @@
 // The matrix products go to ATen (MKL/oneDNN on CPU, cuBLAS on CUDA); everything around them is
 // closed form: feature orthogonality, the contrastive term and cross orthogonality return the
 // small B x K / N x N / r x s products (and norms, log-sum-exps) from the forward for their
-// backward; gram orthogonality and the projection residual recompute their small products. The
+// backward (gram orthogonality: W W^T - I); the projection residual recomputes its two. The
 // projection residual never forms the B x D residual nor a D x D matrix (its value and gradient
 // use only f @ U [B, r] and U^T U [r, r]).
 // Math in fp32, fp64 when an input is fp64; gradients are rounded once to each input's dtype.
@@ -180,37 +180,46 @@ inline std::tuple<at::Tensor, at::Tensor> projection_residual_backward(const at:
 }
 
 // ---------------------------------------------------------------- gram orthogonality
-inline at::Tensor gram_orthogonality(at::TensorList weights, bool mean) {
+// Forward: (value, [G_l = W_l W_l^T - I] in the math dtype), kept for the backward.
+inline std::tuple<at::Tensor, std::vector<at::Tensor>> gram_orthogonality(at::TensorList weights, bool mean) {
   const auto acc = acc_type_of(weights);
   TORCH_CHECK(!weights.empty(), "weights must not be empty");
-  at::Tensor total = zero_d(weights[0], acc);
+  std::vector<at::Tensor> grams, terms;
   for (size_t i = 0; i < weights.size(); ++i) {
     check_matrix(weights[i], "weights[i]");
-    if (weights[i].size(0) == 0) continue;
+    const int64_t n = weights[i].size(0);
+    if (n == 0) {
+      grams.push_back(at::zeros({0, 0}, weights[i].options().dtype(acc)));
+      continue;
+    }
     at::Tensor w = weights[i].to(acc);
     at::Tensor g = at::mm(w, w.t());
     g.diagonal().sub_(1.0);
     at::Tensor term = g.square().sum();
-    total = total + (mean ? term / static_cast<double>(g.numel()) : term);
+    terms.push_back(mean ? term / static_cast<double>(g.numel()) : term);
+    grams.push_back(g);
   }
-  return total;
+  at::Tensor total = terms.empty() ? zero_d(weights[0], acc) : at::stack(terms).sum();
+  return {total, grams};
 }
 
-// d/dW sum((W W^T - I)^2) = 4 (W W^T - I) W
-inline std::vector<at::Tensor> gram_orthogonality_backward(const at::Tensor& grad_output, at::TensorList weights,
-                                                           bool mean) {
+// d/dW sum((W W^T - I)^2) = 4 (W W^T - I) W, with W W^T - I from the forward.
+inline std::vector<at::Tensor> gram_orthogonality_backward(const at::Tensor& grad_output, at::TensorList grams,
+                                                           at::TensorList weights, bool mean) {
   const auto acc = acc_type_of(weights);
+  TORCH_CHECK(grams.size() == weights.size(), "grams and weights must have the same length");
+  at::Tensor go = grad_output.to(acc);
   std::vector<at::Tensor> out;
-  for (const auto& wi : weights) {
-    if (wi.size(0) == 0) {
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& wi = weights[i];
+    const int64_t n = wi.size(0);
+    if (n == 0) {
       out.push_back(at::zeros_like(wi));
       continue;
     }
-    at::Tensor w = wi.to(acc);
-    at::Tensor g = at::mm(w, w.t());
-    g.diagonal().sub_(1.0);
-    const double c = 4.0 / (mean ? static_cast<double>(g.numel()) : 1.0);
-    out.push_back((at::mm(g, w) * (grad_output.to(acc) * c)).to(wi.scalar_type()));
+    TORCH_CHECK(grams[i].dim() == 2 && grams[i].size(0) == n && grams[i].size(1) == n, "grams[i] must be [N, N]");
+    const double c = 4.0 / (mean ? static_cast<double>(n * n) : 1.0);
+    out.push_back(at::mm(grams[i].to(acc) * (go * c), wi.to(acc)).to(wi.scalar_type()));
   }
   return out;
 }

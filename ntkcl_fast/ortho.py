@@ -216,8 +216,9 @@ def ntkcl_contrastive(features, labels, *, temperature: float = 0.1, backend: st
 # ----------------------------------------------------------------------------- autograd over fused ops
 # Forward: one fused value op. Backward: one op that writes the closed-form gradient (no autograd
 # graph of temporaries). cpu and cuda run the ntkcl_fast:: ops; the forward ops of
-# feature_orthogonality, ntkcl_contrastive and cross_orthogonality also return the products (and
-# norms, log-sum-exps) their backward needs, saved here and handed back instead of recomputed.
+# feature_orthogonality, ntkcl_contrastive, gram_orthogonality and cross_orthogonality also
+# return the products (and norms, log-sum-exps) their backward needs, saved here and handed back
+# instead of recomputed.
 # triton runs the launchers of ntkcl_fast/triton/ortho.py (value only; its backward recomputes).
 
 def _ops(name: str):
@@ -280,15 +281,18 @@ class _ProjectionResidual(torch.autograd.Function):
 class _GramOrthogonality(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, mean, *weights):
-        ctx.name, ctx.mean = name, mean
-        ctx.save_for_backward(*weights)
-        return _ops(name).gram_orthogonality([w.contiguous() for w in weights], mean)
+        ctx.name, ctx.mean, ctx.n = name, mean, len(weights)
+        # the forward op also returns W W^T - I per layer, kept for the backward
+        value, grams = _ops(name).gram_orthogonality([w.contiguous() for w in weights], mean)
+        ctx.save_for_backward(*weights, *grams)
+        return value
 
     @staticmethod
     def backward(ctx, grad_output):
-        weights = ctx.saved_tensors
-        grads = _ops(ctx.name).gram_orthogonality_backward(_go(grad_output), [w.contiguous() for w in weights],
-                                                           ctx.mean)
+        saved = ctx.saved_tensors
+        weights, grams = saved[:ctx.n], list(saved[ctx.n:])
+        grads = _ops(ctx.name).gram_orthogonality_backward(_go(grad_output), grams,
+                                                           [w.contiguous() for w in weights], ctx.mean)
         return (None, None, *_need(ctx, 2, weights, grads))
 
 
@@ -359,10 +363,11 @@ if _backend._C is not None and hasattr(torch.ops.ntkcl_fast, "feature_orthogonal
 
     @torch.library.register_fake("ntkcl_fast::gram_orthogonality")
     def _gram_fake(weights, mean):
-        return _value(*weights)
+        dtype = _out_dtype(*weights)
+        return _value(*weights), [w.new_empty((w.shape[0], w.shape[0]), dtype=dtype) for w in weights]
 
     @torch.library.register_fake("ntkcl_fast::gram_orthogonality_backward")
-    def _gram_bwd_fake(grad_output, weights, mean):
+    def _gram_bwd_fake(grad_output, grams, weights, mean):
         return [torch.empty_like(w) for w in weights]
 
     @torch.library.register_fake("ntkcl_fast::cross_orthogonality")
