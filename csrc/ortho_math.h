@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <limits>
 #include <tuple>
@@ -339,6 +340,20 @@ inline at::Tensor ntkcl_contrastive_backward(const at::Tensor& grad_output, cons
   at::Tensor coef = at::where(f_norm.gt(kEps), (m * sa).sum(1) * inv.square(), zero) * (-temperature);
   at::Tensor w = m * inv.unsqueeze(1) * inv.unsqueeze(0);
   return (f * coef.unsqueeze(1)).addmm_(w, f).to(features.scalar_type());
+}
+
+// The same ATen-based math serves both devices; cpu/ortho.cpp and cuda/ortho.cu register it.
+inline void register_impls(torch::Library& m) {
+  m.impl("feature_orthogonality", &feature_orthogonality);
+  m.impl("feature_orthogonality_backward", &feature_orthogonality_backward);
+  m.impl("projection_residual", &projection_residual);
+  m.impl("projection_residual_backward", &projection_residual_backward);
+  m.impl("gram_orthogonality", &gram_orthogonality);
+  m.impl("gram_orthogonality_backward", &gram_orthogonality_backward);
+  m.impl("cross_orthogonality", &cross_orthogonality);
+  m.impl("cross_orthogonality_backward", &cross_orthogonality_backward);
+  m.impl("ntkcl_contrastive", &ntkcl_contrastive);
+  m.impl("ntkcl_contrastive_backward", &ntkcl_contrastive_backward);
 }
 
 }  // namespace ortho

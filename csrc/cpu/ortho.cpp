@@ -6,17 +6,6 @@
 
 namespace ntkcl_fast {
 
-TORCH_LIBRARY_IMPL(ntkcl_fast, CPU, m) {
-  m.impl("feature_orthogonality", &ortho::feature_orthogonality);
-  m.impl("feature_orthogonality_backward", &ortho::feature_orthogonality_backward);
-  m.impl("projection_residual", &ortho::projection_residual);
-  m.impl("projection_residual_backward", &ortho::projection_residual_backward);
-  m.impl("gram_orthogonality", &ortho::gram_orthogonality);
-  m.impl("gram_orthogonality_backward", &ortho::gram_orthogonality_backward);
-  m.impl("cross_orthogonality", &ortho::cross_orthogonality);
-  m.impl("cross_orthogonality_backward", &ortho::cross_orthogonality_backward);
-  m.impl("ntkcl_contrastive", &ortho::ntkcl_contrastive);
-  m.impl("ntkcl_contrastive_backward", &ortho::ntkcl_contrastive_backward);
-}
+TORCH_LIBRARY_IMPL(ntkcl_fast, CPU, m) { ortho::register_impls(m); }
 
 }  // namespace ntkcl_fast
