@@ -81,6 +81,18 @@ def unavailable_reason(backend: str, device_type: str, op: str = "ema_update_") 
     raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
 
 
+def dense(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The kernels take dense tensors: strided ones become contiguous copies (others stay as they are)."""
+    return [t.contiguous() for t in tensors]
+
+
+def write_back(originals: list[torch.Tensor], work: list[torch.Tensor]) -> None:
+    """After an in-place kernel ran on `dense(originals)`, copy results into the strided originals."""
+    for o, w in zip(originals, work):
+        if w is not o:
+            o.copy_(w)
+
+
 def resolve(backend: str, device: torch.device, op: str) -> str:
     """The backend name to run `op` on for tensors on `device`."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):

@@ -120,14 +120,12 @@ class AdamR(torch.optim.Optimizer):
             return
         hyper = [lr, beta1, beta2, group["eps"], group["weight_decay"], group["pull"], lr / bc1,
                  1 / math.sqrt(bc2)]
-        work = [[t if t.is_contiguous() else t.contiguous() for t in lst] for lst in (params, m, v)]
-        src = [[t.contiguous() for t in lst] for lst in (grads, anchors)]
+        work = [_backend.dense(lst) for lst in (params, m, v)]
+        src = [_backend.dense(lst) for lst in (grads, anchors)]
         if name == "triton":
             from .triton.adamr import adamr_step_ as triton_step
             triton_step(work[0], src[0], work[1], work[2], src[1], hyper, l1)
         else:
             torch.ops.ntkcl_fast.adamr_step_(work[0], src[0], work[1], work[2], src[1], hyper, l1)
         for orig, new in zip((params, m, v), work):
-            for o, w in zip(orig, new):
-                if w is not o:
-                    o.copy_(w)
+            _backend.write_back(orig, new)

@@ -39,17 +39,13 @@ def _run(backend: str, ema: list[torch.Tensor], src: list[torch.Tensor],
     if backend == "torch":
         reference.ema_update_(ema, src, decay_t if decay_t is not None else decays)
         return
-    # the kernels take dense tensors; strided ones go through a contiguous copy
-    ema_work = [e if e.is_contiguous() else e.contiguous() for e in ema]
-    src_work = [s.contiguous() for s in src]
+    ema_work, src_work = _backend.dense(ema), _backend.dense(src)
     if backend == "triton":
         from .triton.ema import ema_update_ as triton_ema_update_
         triton_ema_update_(ema_work, src_work, decays, decay_t)
     else:
         torch.ops.ntkcl_fast.ema_update_(ema_work, src_work, decays, decay_t)
-    for e, w in zip(ema, ema_work):
-        if w is not e:
-            e.copy_(w)
+    _backend.write_back(ema, ema_work)
 
 
 @torch.no_grad()

@@ -30,16 +30,12 @@ if _backend._C is not None:
         return None
 
 
-def _contig(tensors):
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-
-
 def _value(backend: str, params, anchors, importance, scale: float) -> torch.Tensor:
     """0-d fp32 penalty value on the params' device."""
     if backend == "torch":
         return reference.l2_penalty(params, anchors, importance, scale).to(torch.float32)
-    params, anchors = _contig(params), _contig(anchors)
-    imp = _contig(importance) if importance is not None else []
+    params, anchors = _backend.dense(params), _backend.dense(anchors)
+    imp = _backend.dense(importance) if importance is not None else []
     if backend == "triton":
         from .triton.penalty import l2_penalty as triton_l2_penalty
         return triton_l2_penalty(params, anchors, imp, scale, None, None, False)
@@ -55,17 +51,15 @@ def _grad(backend: str, grads, params, anchors, importance, scale: float, grad_o
             for g, d in zip(grads, reference.l2_penalty_grad(params, anchors, importance, scale, go)):
                 g.copy_(g.to(d.dtype) + d if accumulate else d)
         return value
-    params, anchors = _contig(params), _contig(anchors)
-    imp = _contig(importance) if importance is not None else []
-    work = _contig(grads)
+    params, anchors = _backend.dense(params), _backend.dense(anchors)
+    imp = _backend.dense(importance) if importance is not None else []
+    work = _backend.dense(grads)
     if backend == "triton":
         from .triton.penalty import l2_penalty as triton_l2_penalty
         value = triton_l2_penalty(params, anchors, imp, scale, work, grad_output, accumulate)
     else:
         value = torch.ops.ntkcl_fast.l2_penalty_grad_(work, params, anchors, imp, scale, grad_output, accumulate)
-    for g, w in zip(grads, work):
-        if w is not g:
-            g.copy_(w)
+    _backend.write_back(grads, work)
     return value
 
 
@@ -195,13 +189,11 @@ def fisher_accumulate_(fisher, grads, *, scale: float = 1.0, decay: float = 1.0,
     if name == "torch":
         reference.fisher_accumulate_(fisher, grads, scale, decay)
         return
-    work = _contig(fisher)
-    src = _contig(grads)
+    work = _backend.dense(fisher)
+    src = _backend.dense(grads)
     if name == "triton":
         from .triton.penalty import fisher_accumulate_ as triton_fisher
         triton_fisher(work, src, scale, decay)
     else:
         torch.ops.ntkcl_fast.fisher_accumulate_(work, src, scale, decay)
-    for f, w in zip(fisher, work):
-        if w is not f:
-            f.copy_(w)
+    _backend.write_back(fisher, work)
