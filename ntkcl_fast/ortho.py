@@ -80,16 +80,7 @@ def _resolve(backend, device: torch.device, op: str) -> str:
             return "torch"
         raise RuntimeError(f"backend {backend!r} is not available: the installed ntkcl_fast._C has no {op} op; "
                            "reinstall with `pip install --no-build-isolation .`")
-    name = _backend.resolve(backend, device, op)
-    if name == "triton" and op not in _TRITON_OPS:
-        if backend == "auto":
-            return "torch"
-        raise RuntimeError(f"backend 'triton' is not available: {op} has no Triton kernel yet; "
-                           "use backend='cuda' (compiled) or 'torch'")
-    return name
-
-
-_TRITON_OPS = ("feature_orthogonality",)
+    return _backend.resolve(backend, device, op)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -219,12 +210,18 @@ def ntkcl_contrastive(features, labels, *, temperature: float = 0.1, backend: st
 # feature_orthogonality, ntkcl_contrastive, gram_orthogonality and cross_orthogonality also
 # return the products (and norms, log-sum-exps) their backward needs, saved here and handed back
 # instead of recomputed.
-# triton runs the launchers of ntkcl_fast/triton/ortho.py (value only; its backward recomputes).
+# triton runs the launchers in ntkcl_fast/triton/: the forward returns the value only and the
+# backward recomputes the products tile by tile from the inputs, so nothing of size B x K or N x N
+# lives between forward and backward.
 
-def _ops(name: str):
+_TRITON_MODULES = {"feature_orthogonality": "ortho", "projection_residual": "projection",
+                   "gram_orthogonality": "gram", "cross_orthogonality": "gram", "ntkcl_contrastive": "contrastive"}
+
+
+def _ops(name: str, op: str):
     if name == "triton":
-        from .triton import ortho as triton_ortho
-        return triton_ortho
+        import importlib
+        return importlib.import_module(f".triton.{_TRITON_MODULES[op]}", __package__)
     return torch.ops.ntkcl_fast
 
 
@@ -240,11 +237,11 @@ class _FeatureOrthogonality(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, normalize, mean, features, prototypes):
         ctx.name, ctx.normalize, ctx.mean = name, normalize, mean
-        if name == "triton":  # the Triton backward recomputes S tile by tile
+        if name == "triton":
             ctx.save_for_backward(features, prototypes)
-            return _ops(name).feature_orthogonality(features.contiguous(), prototypes.contiguous(), normalize, mean)
+            return _ops(name, "feature_orthogonality").feature_orthogonality(features.contiguous(), prototypes.contiguous(), normalize, mean)
         # cpu / cuda: the forward op also returns S [B, K] and the row norms, kept for the backward
-        value, s, f_norm, p_norm = _ops(name).feature_orthogonality(features.contiguous(), prototypes.contiguous(),
+        value, s, f_norm, p_norm = _ops(name, "feature_orthogonality").feature_orthogonality(features.contiguous(), prototypes.contiguous(),
                                                                     normalize, mean)
         ctx.save_for_backward(features, prototypes, s, f_norm, p_norm)
         return value
@@ -253,13 +250,12 @@ class _FeatureOrthogonality(torch.autograd.Function):
     def backward(ctx, grad_output):
         f, p, *kept = ctx.saved_tensors
         if ctx.name == "triton":
-            df, dp = _ops(ctx.name).feature_orthogonality_backward(_go(grad_output), f.contiguous(), p.contiguous(),
-                                                                    ctx.normalize, ctx.mean)
+            df, dp = _ops(ctx.name, "feature_orthogonality").feature_orthogonality_backward(
+                _go(grad_output), f.contiguous(), p.contiguous(), ctx.normalize, ctx.mean)
         else:
             s, f_norm, p_norm = kept
-            df, dp = _ops(ctx.name).feature_orthogonality_backward(_go(grad_output), s, f_norm, p_norm,
-                                                                    f.contiguous(), p.contiguous(),
-                                                                    ctx.normalize, ctx.mean)
+            df, dp = _ops(ctx.name, "feature_orthogonality").feature_orthogonality_backward(
+                _go(grad_output), s, f_norm, p_norm, f.contiguous(), p.contiguous(), ctx.normalize, ctx.mean)
         return (None, None, None, *_need(ctx, 3, (f, p), (df, dp)))
 
 
@@ -268,13 +264,13 @@ class _ProjectionResidual(torch.autograd.Function):
     def forward(ctx, name, normalize, sumsq, features, basis):
         ctx.name, ctx.normalize, ctx.sumsq = name, normalize, sumsq
         ctx.save_for_backward(features, basis)
-        return _ops(name).projection_residual(features.contiguous(), basis.contiguous(), normalize, sumsq)
+        return _ops(name, "projection_residual").projection_residual(features.contiguous(), basis.contiguous(), normalize, sumsq)
 
     @staticmethod
     def backward(ctx, grad_output):
         f, u = ctx.saved_tensors
-        df, du = _ops(ctx.name).projection_residual_backward(_go(grad_output), f.contiguous(), u.contiguous(),
-                                                              ctx.normalize, ctx.sumsq)
+        df, du = _ops(ctx.name, "projection_residual").projection_residual_backward(
+            _go(grad_output), f.contiguous(), u.contiguous(), ctx.normalize, ctx.sumsq)
         return (None, None, None, *_need(ctx, 3, (f, u), (df, du)))
 
 
@@ -282,8 +278,12 @@ class _GramOrthogonality(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, mean, *weights):
         ctx.name, ctx.mean, ctx.n = name, mean, len(weights)
+        dense = [w.contiguous() for w in weights]
+        if name == "triton":
+            ctx.save_for_backward(*weights)
+            return _ops(name, "gram_orthogonality").gram_orthogonality(dense, mean)
         # the forward op also returns W W^T - I per layer, kept for the backward
-        value, grams = _ops(name).gram_orthogonality([w.contiguous() for w in weights], mean)
+        value, grams = _ops(name, "gram_orthogonality").gram_orthogonality(dense, mean)
         ctx.save_for_backward(*weights, *grams)
         return value
 
@@ -291,8 +291,12 @@ class _GramOrthogonality(torch.autograd.Function):
     def backward(ctx, grad_output):
         saved = ctx.saved_tensors
         weights, grams = saved[:ctx.n], list(saved[ctx.n:])
-        grads = _ops(ctx.name).gram_orthogonality_backward(_go(grad_output), grams,
-                                                           [w.contiguous() for w in weights], ctx.mean)
+        dense = [w.contiguous() for w in weights]
+        ops = _ops(ctx.name, "gram_orthogonality")
+        if ctx.name == "triton":
+            grads = ops.gram_orthogonality_backward(_go(grad_output), dense, ctx.mean)
+        else:
+            grads = ops.gram_orthogonality_backward(_go(grad_output), grams, dense, ctx.mean)
         return (None, None, *_need(ctx, 2, weights, grads))
 
 
@@ -301,8 +305,11 @@ class _CrossOrthogonality(torch.autograd.Function):
     def forward(ctx, name, l1, n, *tensors):
         ctx.name, ctx.l1, ctx.n = name, l1, n
         t = [x.contiguous() for x in tensors]
+        if name == "triton":
+            ctx.save_for_backward(*tensors)
+            return _ops(name, "cross_orthogonality").cross_orthogonality(t[:n], t[n:], l1)
         # the forward op also returns the products old_l new_l^T, kept for the backward
-        value, products = _ops(name).cross_orthogonality(t[:n], t[n:], l1)
+        value, products = _ops(name, "cross_orthogonality").cross_orthogonality(t[:n], t[n:], l1)
         ctx.save_for_backward(*tensors, *products)
         return value
 
@@ -313,8 +320,12 @@ class _CrossOrthogonality(torch.autograd.Function):
         tensors, products = saved[:2 * n], list(saved[2 * n:])
         t = [x.contiguous() for x in tensors]
         old_grad, new_grad = any(ctx.needs_input_grad[3:3 + n]), any(ctx.needs_input_grad[3 + n:])
-        d_old, d_new = _ops(ctx.name).cross_orthogonality_backward(_go(grad_output), products, t[:n], t[n:], ctx.l1,
-                                                                   old_grad, new_grad)
+        ops = _ops(ctx.name, "cross_orthogonality")
+        if ctx.name == "triton":
+            d_old, d_new = ops.cross_orthogonality_backward(_go(grad_output), t[:n], t[n:], ctx.l1, old_grad, new_grad)
+        else:
+            d_old, d_new = ops.cross_orthogonality_backward(_go(grad_output), products, t[:n], t[n:], ctx.l1,
+                                                            old_grad, new_grad)
         d_old = list(d_old) if old_grad else [None] * n
         d_new = list(d_new) if new_grad else [None] * n
         return (None, None, None, *_need(ctx, 3, tensors, d_old + d_new))
@@ -324,16 +335,24 @@ class _NtkclContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name, temperature, features, labels):
         ctx.name, ctx.temperature = name, temperature
+        ops = _ops(name, "ntkcl_contrastive")
+        if name == "triton":
+            ctx.save_for_backward(features, labels)
+            return ops.ntkcl_contrastive(features.contiguous(), labels.contiguous(), temperature)
         # the forward op also returns S, the row norms and both log-sum-exps, kept for the backward
-        value, *kept = _ops(name).ntkcl_contrastive(features.contiguous(), labels.contiguous(), temperature)
+        value, *kept = ops.ntkcl_contrastive(features.contiguous(), labels.contiguous(), temperature)
         ctx.save_for_backward(features, labels, *kept)
         return value
 
     @staticmethod
     def backward(ctx, grad_output):
         f, labels, *kept = ctx.saved_tensors
-        df = _ops(ctx.name).ntkcl_contrastive_backward(_go(grad_output), *kept, f.contiguous(),
-                                                       labels.contiguous(), ctx.temperature)
+        ops = _ops(ctx.name, "ntkcl_contrastive")
+        if ctx.name == "triton":
+            df = ops.ntkcl_contrastive_backward(_go(grad_output), f.contiguous(), labels.contiguous(), ctx.temperature)
+        else:
+            df = ops.ntkcl_contrastive_backward(_go(grad_output), *kept, f.contiguous(), labels.contiguous(),
+                                                ctx.temperature)
         return None, None, df if ctx.needs_input_grad[2] else None, None
 
 

@@ -15,11 +15,8 @@ IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-TRITON_OPS = ("feature_orthogonality",)  # the other ops have no Triton kernel yet
-
-
 def _pairs(op: str) -> list:
-    return [p for p in device_backends(op) if p.values[1] != "triton" or op in TRITON_OPS]
+    return device_backends(op)
 
 
 def _rand(gen, shape, device, dtype, scale=1.0):
@@ -545,8 +542,33 @@ def test_under_torch_compile():
 @pytest.mark.parametrize("device,backend", [p for p in _pairs("feature_orthogonality") if p.values[1] == "triton"])
 def test_triton_rejects_fp64(device, backend):
     f = torch.randn(3, 4, dtype=torch.float64, device=device)
-    with pytest.raises(TypeError, match="fp64"):
-        ntkcl_fast.feature_orthogonality(f, f, backend=backend)
+    kw = {"backend": backend}
+    calls = [lambda: ntkcl_fast.feature_orthogonality(f, f, **kw),
+             lambda: ntkcl_fast.projection_residual(f, f.T[:, :2], **kw),
+             lambda: ntkcl_fast.gram_orthogonality([f.float(), f], **kw),
+             lambda: ntkcl_fast.cross_orthogonality([f], [f.float()], **kw),
+             lambda: ntkcl_fast.ntkcl_contrastive(f, torch.zeros(3, dtype=torch.long, device=device), **kw)]
+    for call in calls:
+        with pytest.raises(TypeError, match="fp64"):
+            call()
+
+
+@pytest.mark.parametrize("device,backend", _pairs("gram_orthogonality"))
+def test_lists_of_mixed_dtypes(device, backend):
+    """One call over layers stored in different dtypes (fp32 and bf16 adapters side by side)."""
+    gen = torch.Generator().manual_seed(41)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.bfloat16]
+    ws = [_rand(gen, s, device, dt, 0.3) for s, dt in zip([(3, 7), (16, 33), (1, 5), (8, 64)], dtypes)]
+    old = [_rand(gen, s, device, dt, 0.3) for s, dt in zip([(3, 7), (16, 33), (8, 64)], dtypes)]
+    new = [_rand(gen, s, device, dt, 0.3) for s, dt in zip([(5, 7), (8, 33), (1, 64)], dtypes)]
+    for reduction in ("mean", "sum"):
+        _check(lambda *w: ntkcl_fast.gram_orthogonality(list(w), reduction=reduction, backend=backend),
+               lambda *w: reference.gram_orthogonality(list(w), reduction), _eager_gram(reduction), ws,
+               backend=backend, device=device, what=f"gram mixed {reduction}")
+    for norm in ("l1", "fro2"):
+        _check(lambda *t: ntkcl_fast.cross_orthogonality(list(t[:3]), list(t[3:]), norm=norm, backend=backend),
+               lambda *t: reference.cross_orthogonality(t[:3], t[3:], norm), _eager_cross(norm, 3), old + new,
+               backend=backend, device=device, what=f"cross mixed {norm}")
 
 
 @pytest.mark.parametrize("device,backend", [p for p in _pairs("feature_orthogonality") if p.values[1] in ("cpu", "cuda")])
