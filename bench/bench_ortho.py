@@ -2,7 +2,7 @@
 
 Cases (forward + backward, gradients to every input that trains):
 - NTK-CL: `feature_orthogonality` of B=256 features against K=200 class prototypes (D 768 and
-  2304), `projection_residual` against a rank-40 prototype basis, `ntkcl_contrastive` on N=256.
+  2304; trained and frozen prototypes), `projection_residual` against a rank-40 prototype basis, `ntkcl_contrastive` on N=256.
 - CODA-Prompt: `gram_orthogonality` over the prompt lists (5 layers x [100 components, 768]
   keys, attention vectors and prompts [100, 8 * 768]).
 - O-LoRA: `cross_orthogonality` over 12 or 24 layers x (q, v) of rank 8 LoRA A matrices,
@@ -73,13 +73,17 @@ def _cases(device: str, quick: bool):
         f, p = r(256, d), r(200, d)
         yield ("feature_orthogonality", f"NTK-CL B256 K200 D{d}", (f, p), 3 * 2 * 256 * 200 * d,
                eager_feature_orthogonality, lambda f, p, b: ntkcl_fast.feature_orthogonality(f, p, backend=b))
+        # stored class means of old tasks: only the features train (one backward GEMM fewer)
+        yield ("feature_orthogonality", f"B256 K200 D{d} frozen prototypes", (r(256, d), r(200, d, grad=False)),
+               2 * 2 * 256 * 200 * d,
+               eager_feature_orthogonality, lambda f, p, b: ntkcl_fast.feature_orthogonality(f, p, backend=b))
         u = ntkcl_fast.prototype_basis(torch.randn(200, d, generator=gen), 40).to(device)
         yield ("projection_residual", f"NTK-CL B256 D{d} rank40", (r(256, d), u), 2 * 2 * 256 * d * 40,
                eager_projection_residual, lambda f, u, b: ntkcl_fast.projection_residual(f, u, backend=b))
         labels = torch.randint(0, 20, (256,), generator=gen).to(device)
         yield ("ntkcl_contrastive", f"NTK-CL N256 D{d}", (r(256, d), labels), 3 * 2 * 256 * 256 * d,
                eager_contrastive, lambda f, y, b: ntkcl_fast.ntkcl_contrastive(f, y, backend=b))
-    coda = [r(100, 768) for _ in range(5)] * 2 + [r(100, 8 * 768) for _ in range(5)]
+    coda = [r(100, 768) for _ in range(10)] + [r(100, 8 * 768) for _ in range(5)]  # keys, attention, prompts
     yield ("gram_orthogonality", "CODA-P 5 layers K/A/P", (coda,),
            sum(3 * 2 * w.shape[0] ** 2 * w.shape[1] for w in coda),
            eager_gram, lambda ws, b: ntkcl_fast.gram_orthogonality(ws, backend=b))

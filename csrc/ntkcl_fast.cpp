@@ -46,8 +46,11 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   // max(||p_k||, eps) [K]); the backward takes them back instead of recomputing S.
   m.def("feature_orthogonality(Tensor features, Tensor prototypes, bool normalize, bool mean) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // features_grad / prototypes_grad false: that gradient is skipped (one GEMM less) and comes
+  // back as an empty tensor (prototypes are usually frozen class means).
   m.def("feature_orthogonality_backward(Tensor grad_output, Tensor s, Tensor f_norm, Tensor p_norm, "
-        "Tensor features, Tensor prototypes, bool normalize, bool mean) -> (Tensor, Tensor)");
+        "Tensor features, Tensor prototypes, bool normalize, bool mean, bool features_grad, "
+        "bool prototypes_grad) -> (Tensor, Tensor)");
   m.def("projection_residual(Tensor features, Tensor basis, bool normalize, bool sumsq) -> Tensor");
   m.def("projection_residual_backward(Tensor grad_output, Tensor features, Tensor basis, bool normalize, "
         "bool sumsq) -> (Tensor, Tensor)");

@@ -99,33 +99,42 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_orthog
 // With G = dL/dS = c S (c = 2 go, / (B K) for the mean) and n = x / |x|:
 //   df = (G / |p|) p / |f| - live_f * rowsum(G S) / |f|^2 * f     (dp likewise with G^T)
 // i.e. one scaled copy of f and one addmm_ into it; no normalized copies, no product recomputed.
+// A side that needs no gradient costs nothing and comes back empty.
 inline std::tuple<at::Tensor, at::Tensor> feature_orthogonality_backward(
     const at::Tensor& grad_output, const at::Tensor& s, const at::Tensor& f_norm, const at::Tensor& p_norm,
-    const at::Tensor& features, const at::Tensor& prototypes, bool normalize, bool mean) {
+    const at::Tensor& features, const at::Tensor& prototypes, bool normalize, bool mean, bool features_grad,
+    bool prototypes_grad) {
   const auto acc = acc_type({features.scalar_type(), prototypes.scalar_type()});
-  if (features.numel() == 0 || prototypes.numel() == 0)
-    return {at::zeros_like(features), at::zeros_like(prototypes)};
+  at::Tensor df = features.new_empty({0}), dp = prototypes.new_empty({0});
+  if (features.numel() == 0 || prototypes.numel() == 0) {
+    if (features_grad) df = at::zeros_like(features);
+    if (prototypes_grad) dp = at::zeros_like(prototypes);
+    return {df, dp};
+  }
   TORCH_CHECK(s.dim() == 2 && s.size(0) == features.size(0) && s.size(1) == prototypes.size(0),
               "s must have shape [B, K]");
   const double c = 2.0 / (mean ? static_cast<double>(features.size(0) * prototypes.size(0)) : 1.0);
   at::Tensor go = grad_output.to(acc) * c;
   at::Tensor f = features.to(acc), p = prototypes.to(acc), sa = s.to(acc);
-  at::Tensor df, dp;
   if (!normalize) {
     at::Tensor g = sa * go;
-    df = at::mm(g, p);
-    dp = at::mm(g.t(), f);
+    if (features_grad) df = at::mm(g, p);
+    if (prototypes_grad) dp = at::mm(g.t(), f);
   } else {
     at::Tensor inv_f = f_norm.to(acc).reciprocal(), inv_p = p_norm.to(acc).reciprocal();
     at::Tensor w = sa * (inv_f * go).unsqueeze(1) * inv_p.unsqueeze(0);
     at::Tensor s2 = sa.square();
-    at::Tensor live_f = f_norm.gt(kEps), live_p = p_norm.gt(kEps);
-    at::Tensor coef_f = at::where(live_f, s2.sum(1) * inv_f.square(), at::zeros({}, sa.options())) * (-go);
-    at::Tensor coef_p = at::where(live_p, s2.sum(0) * inv_p.square(), at::zeros({}, sa.options())) * (-go);
-    df = (f * coef_f.unsqueeze(1)).addmm_(w, p);
-    dp = (p * coef_p.unsqueeze(1)).addmm_(w.t(), f);
+    const at::Tensor zero = at::zeros({}, sa.options());
+    if (features_grad) {
+      at::Tensor coef_f = at::where(f_norm.gt(kEps), s2.sum(1) * inv_f.square(), zero) * (-go);
+      df = (f * coef_f.unsqueeze(1)).addmm_(w, p);
+    }
+    if (prototypes_grad) {
+      at::Tensor coef_p = at::where(p_norm.gt(kEps), s2.sum(0) * inv_p.square(), zero) * (-go);
+      dp = (p * coef_p.unsqueeze(1)).addmm_(w.t(), f);
+    }
   }
-  return {df.to(features.scalar_type()), dp.to(prototypes.scalar_type())};
+  return {features_grad ? df.to(features.scalar_type()) : df, prototypes_grad ? dp.to(prototypes.scalar_type()) : dp};
 }
 
 // ---------------------------------------------------------------- projection residual

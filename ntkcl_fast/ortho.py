@@ -249,14 +249,16 @@ class _FeatureOrthogonality(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         f, p, *kept = ctx.saved_tensors
+        f_grad, p_grad = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        ops = _ops(ctx.name, "feature_orthogonality")
         if ctx.name == "triton":
-            df, dp = _ops(ctx.name, "feature_orthogonality").feature_orthogonality_backward(
-                _go(grad_output), f.contiguous(), p.contiguous(), ctx.normalize, ctx.mean)
+            df, dp = ops.feature_orthogonality_backward(_go(grad_output), f.contiguous(), p.contiguous(),
+                                                        ctx.normalize, ctx.mean, f_grad, p_grad)
         else:
             s, f_norm, p_norm = kept
-            df, dp = _ops(ctx.name, "feature_orthogonality").feature_orthogonality_backward(
-                _go(grad_output), s, f_norm, p_norm, f.contiguous(), p.contiguous(), ctx.normalize, ctx.mean)
-        return (None, None, None, *_need(ctx, 3, (f, p), (df, dp)))
+            df, dp = ops.feature_orthogonality_backward(_go(grad_output), s, f_norm, p_norm, f.contiguous(),
+                                                        p.contiguous(), ctx.normalize, ctx.mean, f_grad, p_grad)
+        return None, None, None, df if f_grad else None, dp if p_grad else None
 
 
 class _ProjectionResidual(torch.autograd.Function):
@@ -369,8 +371,10 @@ if _backend._C is not None and hasattr(torch.ops.ntkcl_fast, "feature_orthogonal
                 features.new_empty((b,), dtype=dtype), features.new_empty((k,), dtype=dtype))
 
     @torch.library.register_fake("ntkcl_fast::feature_orthogonality_backward")
-    def _fo_bwd_fake(grad_output, s, f_norm, p_norm, features, prototypes, normalize, mean):
-        return torch.empty_like(features), torch.empty_like(prototypes)
+    def _fo_bwd_fake(grad_output, s, f_norm, p_norm, features, prototypes, normalize, mean, features_grad,
+                     prototypes_grad):
+        return (torch.empty_like(features) if features_grad else features.new_empty((0,)),
+                torch.empty_like(prototypes) if prototypes_grad else prototypes.new_empty((0,)))
 
     @torch.library.register_fake("ntkcl_fast::projection_residual")
     def _pr_fake(features, basis, normalize, sumsq):

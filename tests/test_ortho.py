@@ -176,6 +176,22 @@ def test_feature_orthogonality_zero_rows_and_one_side(device, backend):
     assert leaf.grad[2].abs().max().item() == 0  # a zero row has zero cosines: nothing pulls it
 
 
+@pytest.mark.parametrize("frozen", ["features", "prototypes"])
+@pytest.mark.parametrize("device,backend", _pairs("feature_orthogonality"))
+def test_feature_orthogonality_one_input_frozen(device, backend, frozen):
+    """The trained side's gradient is unchanged when the other side needs none (its GEMM is skipped)."""
+    gen = torch.Generator().manual_seed(8)
+    f, p = _rand(gen, (9, 20), device, torch.float32), _rand(gen, (6, 20), device, torch.float32)
+    train = p if frozen == "features" else f
+    leaf = train.clone().requires_grad_()
+    args = (f, leaf) if frozen == "features" else (leaf, p)
+    (grad,) = torch.autograd.grad(ntkcl_fast.feature_orthogonality(*args, backend=backend), leaf)
+    ref_leaf = train.double().requires_grad_()
+    ref_args = (f.double(), ref_leaf) if frozen == "features" else (ref_leaf, p.double())
+    (want,) = torch.autograd.grad(reference.feature_orthogonality(*ref_args), ref_leaf)
+    torch.testing.assert_close(grad.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------- projection_residual
 
 SMALL_PR = [(1, 1, 1), (3, 7, 2), (17, 64, 16)]
@@ -484,8 +500,9 @@ def _opcheck_cases(device):
     return [
         ("feature_orthogonality", (f, p, True, True)),
         ("feature_orthogonality", (f.to(torch.bfloat16), p, False, False)),
-        ("feature_orthogonality_backward", (go, *_fo_kept(f, p, True, True), f, p, True, True)),
-        ("feature_orthogonality_backward", (go, *_fo_kept(f, p, False, False), f, p, False, False)),
+        ("feature_orthogonality_backward", (go, *_fo_kept(f, p, True, True), f, p, True, True, True, True)),
+        ("feature_orthogonality_backward", (go, *_fo_kept(f, p, False, False), f, p, False, False, True, False)),
+        ("feature_orthogonality_backward", (go, *_fo_kept(f, p, True, False), f, p, True, False, False, True)),
         ("projection_residual", (f, u, True, False)),
         ("projection_residual", (f, u, False, True)),
         ("projection_residual_backward", (go, f, u, True, True)),

@@ -8,7 +8,7 @@ pass. Each program writes one partial sum; the partials are added in a fixed ord
 The loop trip counts (D / BK, K / BN, B / BN) are compile-time constants: one compile per
 feature width and class count, which stay fixed through training.
 
-Backward, three launches, nothing kept from the forward but the inputs:
+Backward, three launches (two when one side is frozen), nothing kept from the forward but the inputs:
 1. recompute each S tile as above; write G' = dL/dS * inv_norm(p) (a B x K fp32 scratch, the only
    intermediate) and add the row dots <dL/dn_f, n_f> = sum_k G_ik S_ik (and per prototype) with
    atomics;
@@ -132,7 +132,9 @@ def feature_orthogonality(features, prototypes, normalize: bool, mean: bool) -> 
     return total / (B * K) if mean else total
 
 
-def feature_orthogonality_backward(grad_output, features, prototypes, normalize: bool, mean: bool):
+def feature_orthogonality_backward(grad_output, features, prototypes, normalize: bool, mean: bool,
+                                   features_grad: bool, prototypes_grad: bool):
+    """(df, dp); a side that needs no gradient skips its launch and comes back as None."""
     _check(features, prototypes)
     B, D = features.shape
     K = prototypes.shape[0]
@@ -146,12 +148,15 @@ def feature_orthogonality_backward(grad_output, features, prototypes, normalize:
     _fo_grad_s_kernel[(triton.cdiv(B, BM), triton.cdiv(K, BN))](
         features, prototypes, g, rowdot_f, rowdot_p, inv_f, inv_p, coef, B, K, D,
         NORMALIZE=normalize, EPS=EPS, BM=BM, BN=BN, BK=BK, KT=triton.cdiv(D, BK))
-    df = torch.empty_like(features)
-    dp = torch.empty_like(prototypes)
-    _fo_grad_x_kernel[(triton.cdiv(B, BM), triton.cdiv(D, BK))](
-        g, K, 1, prototypes, features, df, rowdot_f, inv_f, inv_p, B, K, D,
-        NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(K, BN))
-    _fo_grad_x_kernel[(triton.cdiv(K, BM), triton.cdiv(D, BK))](
-        g, 1, K, features, prototypes, dp, rowdot_p, inv_p, inv_f, K, B, D,
-        NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(B, BN))
+    df = dp = None
+    if features_grad:
+        df = torch.empty_like(features)
+        _fo_grad_x_kernel[(triton.cdiv(B, BM), triton.cdiv(D, BK))](
+            g, K, 1, prototypes, features, df, rowdot_f, inv_f, inv_p, B, K, D,
+            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(K, BN))
+    if prototypes_grad:
+        dp = torch.empty_like(prototypes)
+        _fo_grad_x_kernel[(triton.cdiv(K, BM), triton.cdiv(D, BK))](
+            g, 1, K, features, prototypes, dp, rowdot_p, inv_p, inv_f, K, B, D,
+            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(B, BN))
     return df, dp
