@@ -73,8 +73,17 @@ def _layer_lists(old, new):
 
 # ----------------------------------------------------------------------------- dispatch helpers
 
-def _resolve(backend, device: torch.device, op: str) -> str:
+# On CUDA, "auto" runs the layer-list ops on their Triton kernels: one launch for the whole list
+# (per dtype), where the compiled path loops over the layers with several ATen launches each.
+_ONE_LAUNCH_LISTS = ("gram_orthogonality", "cross_orthogonality")
+
+
+def _resolve(backend, device: torch.device, op: str, tensors=()) -> str:
     """`_backend.resolve`, also when the installed extension predates the ortho ops."""
+    if (backend == "auto" and device.type == "cuda" and op in _ONE_LAUNCH_LISTS
+            and not any(t.dtype == torch.float64 for t in tensors)
+            and _backend.unavailable_reason("triton", "cuda", op) is None):
+        return "triton"
     if _backend._C is not None and not hasattr(torch.ops.ntkcl_fast, op) and backend in ("auto", "cpu", "cuda"):
         if backend == "auto":
             return "torch"
@@ -151,7 +160,7 @@ def gram_orthogonality(weights, *, reduction: str = "mean", backend: str = "auto
         _matrix(w, f"weights[{i}]")
     _choice(reduction, "reduction", _REDUCTIONS_FO)
     device = _validate.one_device([("weights", weights)]) or torch.device("cpu")
-    name = _resolve(backend, device, "gram_orthogonality")
+    name = _resolve(backend, device, "gram_orthogonality", weights)
     dtype = _out_dtype(*weights)
     live = [w for w in weights if w.shape[0] > 0]
     if not live:
@@ -168,7 +177,7 @@ def cross_orthogonality(old, new, *, norm: str = "l1", backend: str = "auto") ->
     old, new = _layer_lists(old, new)
     _choice(norm, "norm", _NORMS)
     device = _validate.one_device([("old", old), ("new", new)]) or torch.device("cpu")
-    name = _resolve(backend, device, "cross_orthogonality")
+    name = _resolve(backend, device, "cross_orthogonality", old + new)
     dtype = _out_dtype(*old, *new)
     keep = [i for i in range(len(old)) if old[i].numel() and new[i].numel()]
     if not keep:

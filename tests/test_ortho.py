@@ -478,6 +478,20 @@ def test_unavailable_backend_raises_runtime_error():
     assert ortho._resolve("auto", torch.device("cpu"), "feature_orthogonality") in ("cpu", "torch")
 
 
+def test_auto_takes_the_one_launch_triton_lists_on_cuda(monkeypatch):
+    """On CUDA, "auto" runs gram / cross on Triton (one launch per list) unless a tensor is fp64;
+    the other ops keep the compiled-first order."""
+    from ntkcl_fast import _backend as backend_mod
+    monkeypatch.setattr(backend_mod, "unavailable_reason", lambda *args, **kwargs: None)
+    cuda = torch.device("cuda")
+    for op in ("gram_orthogonality", "cross_orthogonality"):
+        assert ortho._resolve("auto", cuda, op, [torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16)]) == "triton"
+        assert ortho._resolve("auto", cuda, op, [torch.zeros(1, dtype=torch.float64)]) == "cuda"
+        assert ortho._resolve("cuda", cuda, op, [torch.zeros(1)]) == "cuda"
+    assert ortho._resolve("auto", cuda, "feature_orthogonality") == "cuda"
+    assert ortho._resolve("auto", torch.device("cpu"), "gram_orthogonality", [torch.zeros(1)]) == "cpu"
+
+
 # ----------------------------------------------------------------------------- opcheck of the registered ops
 
 def _fo_kept(f, p, normalize, mean):
