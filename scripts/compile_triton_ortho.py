@@ -5,7 +5,7 @@ Covers `feature_orthogonality` (ntkcl_fast/triton/ortho.py), `projection_residua
 forward and backward, for fp32, bf16 and fp16 inputs, with the signatures and constexpr values their
 host launchers pass at a representative shape: B = 256 rows, K = 200 prototypes, D = 768 features,
 a basis of rank 40 (padded to 64) plus the wide-rank configurations (padded 256 with the default
-pipelining, padded 512 and 1024 with one stage and 8 warps), N = 256 rows for the contrastive op (int64,
+pipelining, padded 512 with one stage and 8 warps), N = 256 rows for the contrastive op (int64,
 int32 and bool labels), and layer lists for gram / cross with one dtype and with old and new sides
 of different dtypes (the MIXED panels).
 
@@ -133,8 +133,8 @@ def ortho_variants():
 
 def projection_variants():
     """projection_residual at rank 40 (RP 64) and the wide configurations: RP 256, the widest with the
-    default pipelining, and RP 512 and RP 1024 with one stage and 8 warps."""
-    for rank in (40, 256, 512, 1024):
+    default pipelining, and RP 512 (the largest the launcher takes) with one stage and 8 warps."""
+    for rank in (40, 256, 512):
         cfg = tp._Config(rank)
         for dn, dt in DTYPES.items():
             x = f"*{dn}"
@@ -212,24 +212,27 @@ def contrastive_variants():
     and the fp32 gradient panel (ortho's _fo_grad_x_kernel with G [N, N])."""
     dt_n, nt, ft = triton.cdiv(D, tc.BK), triton.cdiv(N, tc.BN), triton.cdiv(N, tc.FB)
     tiles = {"BM": tc.BM, "BN": tc.BN, "BK": tc.BK, "DT": dt_n, "NT": nt}
-    for dn, dt in DTYPES.items():
-        x = f"*{dn}"
-        yield Variant("contrastive", tc._nc_norm_kernel, dn,
-                      {"f_ptr": x, "inv64_ptr": "*fp64", "inv32_ptr": "*fp32", "N": N, "D": D},
-                      {"EPS": to.EPS, "BM": tc.BM, "BK": tc.BK, "DT": dt_n})
-        labels = ("i64", "i32", "u8") if dn == "fp32" else ("i64",)
-        for y in labels:
-            tag = f"{dn} labels={y}" + (" (bool)" if y == "u8" else "")
-            yield Variant("contrastive", tc._nc_lse_kernel, tag,
-                          {"f_ptr": x, "y_ptr": f"*{y}", "inv_ptr": "*fp64", "stats_ptr": "*fp64", "N": N, "D": D,
-                           "inv_t": "fp64"}, tiles)
-            yield Variant("contrastive", tc._nc_grad_s_kernel, tag,
-                          {"f_ptr": x, "y_ptr": f"*{y}", "inv_ptr": "*fp64", "stats_ptr": "*fp64",
-                           "go_ptr": "*fp32", "g_ptr": "*fp32", "rowdot_ptr": "*fp32", "N": N, "D": D,
-                           "inv_t": "fp64"}, dict(tiles, FB=tc.FB, FT=ft))
-        yield Variant("contrastive", to._fo_grad_x_kernel, f"{dn} NORMALIZE=1 G [N, N]",
-                      {"g_ptr": "*fp32", "g_stride_r": N, "g_stride_c": 1, "y_ptr": x, "x_ptr": x, "out_ptr": x,
-                       "rowdot": "*fp32", "inv_x_ptr": "*fp32", "inv_y_ptr": "*fp32", "R": N, "C": N, "D": D},
+    # the launchers widen fp16 / bf16 features to fp32 before the norm, statistics and dL/dS
+    # kernels (contrastive._fp32), so those compile for fp32 only; the gradient panel writes df in
+    # the features' dtype
+    f32 = "*fp32"
+    yield Variant("contrastive", tc._nc_norm_kernel, "fp32",
+                  {"f_ptr": f32, "inv64_ptr": "*fp64", "inv32_ptr": "*fp32", "N": N, "D": D},
+                  {"EPS": to.EPS, "BM": tc.BM, "BK": tc.BK, "DT": dt_n})
+    for y in ("i64", "i32", "u8"):
+        tag = f"fp32 labels={y}" + (" (bool)" if y == "u8" else "")
+        yield Variant("contrastive", tc._nc_lse_kernel, tag,
+                      {"f_ptr": f32, "y_ptr": f"*{y}", "inv_ptr": "*fp64", "stats_ptr": "*fp64", "N": N, "D": D,
+                       "inv_t": "fp64"}, tiles)
+        yield Variant("contrastive", tc._nc_grad_s_kernel, tag,
+                      {"f_ptr": f32, "y_ptr": f"*{y}", "inv_ptr": "*fp64", "stats_ptr": "*fp64",
+                       "go_ptr": "*fp32", "g_ptr": "*fp32", "rowdot_ptr": "*fp32", "N": N, "D": D,
+                       "inv_t": "fp64"}, dict(tiles, FB=tc.FB, FT=ft))
+    for dn in DTYPES:
+        yield Variant("contrastive", to._fo_grad_x_kernel, f"df {dn} NORMALIZE=1 G [N, N]",
+                      {"g_ptr": "*fp32", "g_stride_r": N, "g_stride_c": 1, "y_ptr": f32, "x_ptr": f32,
+                       "out_ptr": f"*{dn}", "rowdot": "*fp32", "inv_x_ptr": "*fp32", "inv_y_ptr": "*fp32", "R": N,
+                       "C": N, "D": D},
                       {"NORMALIZE": True, "EPS": to.EPS, "BM": tc.BM, "BD": tc.BK, "BC": tc.BN,
                        "CT": triton.cdiv(N, tc.BN)})
     yield Variant("contrastive", tc._nc_finish_kernel, "fp64 stats",

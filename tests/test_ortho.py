@@ -636,3 +636,16 @@ def test_fp64_compiled_backends(device, backend):
         torch.testing.assert_close(out, want)
         torch.testing.assert_close(torch.autograd.grad(out, args), torch.autograd.grad(want, args))
         assert torch.autograd.gradcheck(fast, args)
+
+
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    """The interpreter does not type-check like the compiler (nor check shared memory against a
+    GPU's limit): compile every orthogonality kernel to PTX for both targets too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "compile_triton_ortho.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

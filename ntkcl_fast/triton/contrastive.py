@@ -236,6 +236,13 @@ def _labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.view(torch.uint8) if labels.dtype == torch.bool else labels
 
 
+def _fp32(features):
+    """fp16/bf16 features widened to fp32 (exact) before the fp64 dot: Triton 3.6 cannot lower an
+    fp64 `tl.dot` whose operands it traces back to a 16-bit load (MMAv2 "fp64 don't support largeK"
+    assertion on sm_80 / sm_90; fixed upstream after 3.6). The copy is N x D, a few hundred KB."""
+    return features if features.dtype == torch.float32 else features.float()
+
+
 def _row_stats(features, labels, temperature: float):
     """Launches 1 and 2 of forward and backward: inverse norms [N] (fp64 and fp32) and stats [4, N]
     fp64, whose rows are (max, log-sum) of every row's log-sum-exp over j != i, then the same over
@@ -257,7 +264,7 @@ def ntkcl_contrastive(features, labels, temperature: float) -> torch.Tensor:
     returns the 0-d fp32 value."""
     _check(features)
     N = features.shape[0]
-    _, _, stats = _row_stats(features, labels, temperature)
+    _, _, stats = _row_stats(_fp32(features), labels, temperature)
     out = torch.empty(1, dtype=torch.float32, device=features.device)
     _nc_finish_kernel[(1,)](stats, out, N, FB=FB, FT=triton.cdiv(N, FB))
     return out.reshape(())
@@ -268,15 +275,16 @@ def ntkcl_contrastive_backward(grad_output, features, labels, temperature: float
     _check(features)
     N, D = features.shape
     dev = features.device
-    inv64, inv32, stats = _row_stats(features, labels, temperature)
+    work = _fp32(features)
+    inv64, inv32, stats = _row_stats(work, labels, temperature)
     go = grad_output.to(torch.float32).reshape(1).contiguous()
     g = torch.empty(N, N, dtype=torch.float32, device=dev)  # transient: freed when this call returns
     rowdot = torch.empty(N, dtype=torch.float32, device=dev)
-    _nc_grad_s_kernel[(triton.cdiv(N, BM),)](features, _labels(labels), inv64, stats, go, g, rowdot, N, D,
+    _nc_grad_s_kernel[(triton.cdiv(N, BM),)](work, _labels(labels), inv64, stats, go, g, rowdot, N, D,
                                              1.0 / temperature, BM=BM, BN=BN, BK=BK, DT=triton.cdiv(D, BK),
                                              NT=triton.cdiv(N, BN), FB=FB, FT=triton.cdiv(N, FB))
     df = torch.empty_like(features)
     _fo_grad_x_kernel[(triton.cdiv(N, BM), triton.cdiv(D, BK))](
-        g, N, 1, features, features, df, rowdot, inv32, inv32, N, N, D,
+        g, N, 1, work, work, df, rowdot, inv32, inv32, N, N, D,
         NORMALIZE=True, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(N, BN))
     return df

@@ -45,9 +45,10 @@ forward 31.5 MFLOP and 0.91 MB (fp32; 0.45 MB bf16), backward 78.6 / 125.8 MFLOP
 H200 moves in a microsecond, so the op is latency-bound; splitting D across programs would
 add parallelism only at the price of recomputing c or a cross-program reduction for it.
 
-Ranks: RP <= 256 uses BB = 32 and the default pipelining; 256 < RP <= 1024 drops to BB = 16,
-one stage and 8 warps so the fp32 [BB, RP] operand blocks fit in shared memory; R > 1024 is
-refused (ValueError) rather than failing at launch.
+Ranks: RP <= 256 uses BB = 32 and the default pipelining; RP = 512 drops to BB = 16, one stage
+and 8 warps so the fp32 [BB, RP] operand blocks fit in shared memory (<= 100 KB; the RP = 256
+basis kernel is the largest at 156 KB, under an A100's 163 KB); R > 512 is refused (ValueError)
+rather than failing at launch (RP = 1024 would need ~200 KB: H100/H200 only).
 
 Loop trip counts are compile-time constants, as in ortho.py: DT = cdiv(D, BK) tiles of D and,
 in the basis kernel, BT = cdiv(B, BB) blocks of rows. Triton 3.6's interpreter (the CPU test
@@ -64,7 +65,7 @@ import triton.language as tl
 from .ortho import EPS, _check
 
 BM = 16  # rows of f per program (tl.dot needs every block dim >= 16)
-MAX_RANK = 1024  # largest padded rank whose blocks fit in shared memory (see _Config)
+MAX_RANK = 512  # largest padded rank whose blocks fit in an A100's shared memory (see _Config)
 
 
 class _Config:
@@ -82,9 +83,9 @@ class _Config:
             # rows of f per step of the basis kernel's walk over B; default pipelining
             self.bb, self.options = 32, {}
         else:
-            # [BB, RP] blocks of c and e are operands of tl.dot (shared memory): at RP = 1024 and
-            # fp32 the basis kernel needs ~200 KB with BB = 16 and no pipelining (H100/H200 give
-            # 227 KB); 8 warps halve the registers each thread holds for the [16, RP] blocks
+            # [BB, RP] blocks of c and e are operands of tl.dot (shared memory): at RP = 512 the
+            # kernels need <= 100 KB with BB = 16 and no pipelining (RP = 1024 would need ~200 KB,
+            # over an A100's 163 KB); 8 warps halve the registers each thread holds for the blocks
             self.bb, self.options = 16, {"num_stages": 1, "num_warps": 8}
 
 
