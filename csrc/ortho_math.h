@@ -80,17 +80,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_orthog
   if (features.numel() == 0 || prototypes.numel() == 0)
     return {zero_d(features, acc), at::zeros({b, k}, opts), at::ones({b}, opts), at::ones({k}, opts)};
   at::Tensor f = features.to(acc), p = prototypes.to(acc), nf, np;
+  // S = (f p^T) / (|f| |p|^T): the raw product scaled in place, so no normalized B x D / K x D
+  // copies are written (at D 2304 those and their page faults were 0.2-0.4 ms of a 4 ms call)
+  at::Tensor s = at::mm(f, p.t());
   if (normalize) {
-    Normalized a = normalize_rows(f), c = normalize_rows(p);
-    f = a.x;
-    p = c.x;
-    nf = a.norm.reshape({b});
-    np = c.norm.reshape({k});
+    nf = f.norm(2, {1}).clamp_min(kEps);
+    np = p.norm(2, {1}).clamp_min(kEps);
+    s.div_(nf.unsqueeze(1)).div_(np.unsqueeze(0));
   } else {
     nf = at::ones({b}, opts);
     np = at::ones({k}, opts);
   }
-  at::Tensor s = at::mm(f, p.t());
   at::Tensor v = s.square().sum();
   if (mean) v = v / static_cast<double>(s.numel());
   return {v, s, nf, np};
