@@ -118,7 +118,8 @@ def _gram_tiles_kernel(table, count, out, go_ptr, MEAN: tl.constexpr, BACKWARD: 
         valid = (rows[:, None] < n) & (cols[None, :] < n)
         tl.store(block + rows[:, None] * n + cols[None, :], e, mask=valid)
         # G is symmetric: the tile above the diagonal is this one transposed (same values, swapped addresses)
-        tl.store(block + cols[None, :] * n + rows[:, None], e, mask=valid & (ti != tj))
+        if ti != tj:  # a branch, not a mask term: Triton 3.9's interpreter widens `mask & scalar` to int64
+            tl.store(block + cols[None, :] * n + rows[:, None], e, mask=valid)
     else:
         weight = tl.where(ti == tj, 1.0, 2.0) * coef
         tl.store(out + pid, tl.sum(tl.sum(e * e, axis=1), axis=0) * weight)
