@@ -52,8 +52,10 @@ TORCH_LIBRARY(ntkcl_fast, m) {
         "Tensor features, Tensor prototypes, bool normalize, bool mean, bool features_grad, "
         "bool prototypes_grad) -> (Tensor, Tensor)");
   m.def("projection_residual(Tensor features, Tensor basis, bool normalize, bool sumsq) -> Tensor");
+  // features_grad / basis_grad false: that gradient is skipped and comes back empty (the basis is
+  // usually a frozen buffer).
   m.def("projection_residual_backward(Tensor grad_output, Tensor features, Tensor basis, bool normalize, "
-        "bool sumsq) -> (Tensor, Tensor)");
+        "bool sumsq, bool features_grad, bool basis_grad) -> (Tensor, Tensor)");
   // gram_orthogonality returns (value, [W_l W_l^T - I]); the backward takes them back.
   m.def("gram_orthogonality(Tensor[] weights, bool mean) -> (Tensor, Tensor[])");
   m.def("gram_orthogonality_backward(Tensor grad_output, Tensor[] grams, Tensor[] weights, bool mean) -> Tensor[]");

@@ -163,30 +163,43 @@ inline at::Tensor projection_residual(const at::Tensor& features, const at::Tens
 inline std::tuple<at::Tensor, at::Tensor> projection_residual_backward(const at::Tensor& grad_output,
                                                                         const at::Tensor& features,
                                                                         const at::Tensor& basis, bool normalize,
-                                                                        bool sumsq) {
+                                                                        bool sumsq, bool features_grad,
+                                                                        bool basis_grad) {
   const auto acc = acc_type({features.scalar_type(), basis.scalar_type()});
-  if (features.numel() == 0) return {at::zeros_like(features), at::zeros_like(basis)};
+  at::Tensor df = features.new_empty({0}), du = basis.new_empty({0});
+  if (features.numel() == 0) {
+    if (features_grad) df = at::zeros_like(features);
+    if (basis_grad) du = at::zeros_like(basis);
+    return {df, du};
+  }
   Normalized f{features.to(acc), {}};
   at::Tensor u = basis.to(acc);
   if (normalize) f = normalize_rows(f.x);
   at::Tensor go = grad_output.to(acc);
-  at::Tensor df, du;
   if (!sumsq) {
     at::Tensor ones_u = u.sum(0);                    // U^T 1 [r]
-    at::Tensor row = 1.0 - at::mv(u, ones_u);        // [D]
-    df = row.unsqueeze(0).expand_as(f.x) * go;
-    at::Tensor s = f.x.sum(0);                       // [D]
-    at::Tensor us = at::mv(u.t(), s);                // [r]
-    du = -(at::outer(s, ones_u) + at::outer(at::ones_like(s), us)) * go;
+    if (features_grad) {
+      at::Tensor row = 1.0 - at::mv(u, ones_u);      // [D]
+      df = row.unsqueeze(0).expand_as(f.x) * go;
+    }
+    if (basis_grad) {
+      at::Tensor s = f.x.sum(0);                     // [D]
+      at::Tensor us = at::mv(u.t(), s);              // [r]
+      du = -(at::outer(s, ones_u) + at::outer(at::ones_like(s), us)) * go;
+    }
   } else {
     at::Tensor pr = at::mm(f.x, u);
     at::Tensor m = at::mm(u.t(), u);
     at::Tensor eye = at::eye(m.size(0), m.options());
-    df = 2.0 * (f.x - at::mm(at::mm(pr, 2.0 * eye - m), u.t())) * go;
-    du = (2.0 * at::mm(f.x.t(), at::mm(pr, m - 2.0 * eye)) + 2.0 * at::mm(u, at::mm(pr.t(), pr))) * go;
+    if (features_grad) df = 2.0 * (f.x - at::mm(at::mm(pr, 2.0 * eye - m), u.t())) * go;
+    if (basis_grad)
+      du = (2.0 * at::mm(f.x.t(), at::mm(pr, m - 2.0 * eye)) + 2.0 * at::mm(u, at::mm(pr.t(), pr))) * go;
   }
-  if (normalize) df = normalize_backward(df, f);
-  return {df.to(features.scalar_type()), du.to(basis.scalar_type())};
+  if (features_grad) {
+    if (normalize) df = normalize_backward(df, f);
+    df = df.to(features.scalar_type());
+  }
+  return {df, basis_grad ? du.to(basis.scalar_type()) : du};
 }
 
 // ---------------------------------------------------------------- gram orthogonality

@@ -280,9 +280,10 @@ class _ProjectionResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         f, u = ctx.saved_tensors
+        f_grad, u_grad = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         df, du = _ops(ctx.name, "projection_residual").projection_residual_backward(
-            _go(grad_output), f.contiguous(), u.contiguous(), ctx.normalize, ctx.sumsq)
-        return (None, None, None, *_need(ctx, 3, (f, u), (df, du)))
+            _go(grad_output), f.contiguous(), u.contiguous(), ctx.normalize, ctx.sumsq, f_grad, u_grad)
+        return None, None, None, df if f_grad else None, du if u_grad else None
 
 
 class _GramOrthogonality(torch.autograd.Function):
@@ -390,8 +391,9 @@ if _backend._C is not None and hasattr(torch.ops.ntkcl_fast, "feature_orthogonal
         return _value(features, basis)
 
     @torch.library.register_fake("ntkcl_fast::projection_residual_backward")
-    def _pr_bwd_fake(grad_output, features, basis, normalize, sumsq):
-        return torch.empty_like(features), torch.empty_like(basis)
+    def _pr_bwd_fake(grad_output, features, basis, normalize, sumsq, features_grad, basis_grad):
+        return (torch.empty_like(features) if features_grad else features.new_empty((0,)),
+                torch.empty_like(basis) if basis_grad else basis.new_empty((0,)))
 
     @torch.library.register_fake("ntkcl_fast::gram_orthogonality")
     def _gram_fake(weights, mean):

@@ -218,6 +218,25 @@ def test_projection_residual(device, backend, shape, dtype, normalize, reduction
            what=f"pr {b}x{d}x{r}")
 
 
+@pytest.mark.parametrize("reduction", ["sum", "sumsq"])
+@pytest.mark.parametrize("frozen", ["features", "basis"])
+@pytest.mark.parametrize("device,backend", _pairs("projection_residual"))
+def test_projection_residual_one_input_frozen(device, backend, frozen, reduction):
+    """The trained side's gradient is unchanged when the other needs none (the basis is usually a
+    frozen buffer: its gradient products are skipped)."""
+    gen = torch.Generator().manual_seed(9)
+    f = _rand(gen, (9, 20), device, torch.float32)
+    u = ntkcl_fast.prototype_basis(torch.randn(6, 20, generator=gen), 4).to(device)
+    train = u if frozen == "features" else f
+    leaf = train.clone().requires_grad_()
+    args = (f, leaf) if frozen == "features" else (leaf, u)
+    (grad,) = torch.autograd.grad(ntkcl_fast.projection_residual(*args, reduction=reduction, backend=backend), leaf)
+    ref_leaf = train.double().requires_grad_()
+    ref_args = (f.double(), ref_leaf) if frozen == "features" else (ref_leaf, u.double())
+    (want,) = torch.autograd.grad(reference.projection_residual(*ref_args, True, reduction), ref_leaf)
+    torch.testing.assert_close(grad.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-6)
+
+
 def test_prototype_basis_is_ntkcl_svd():
     gen = torch.Generator().manual_seed(0)
     protos = torch.randn(10, 32, generator=gen)
@@ -519,7 +538,9 @@ def _opcheck_cases(device):
         ("feature_orthogonality_backward", (go, *_fo_kept(f, p, True, False), f, p, True, False, False, True)),
         ("projection_residual", (f, u, True, False)),
         ("projection_residual", (f, u, False, True)),
-        ("projection_residual_backward", (go, f, u, True, True)),
+        ("projection_residual_backward", (go, f, u, True, True, True, True)),
+        ("projection_residual_backward", (go, f, u, False, False, True, False)),
+        ("projection_residual_backward", (go, f, u, True, True, False, True)),
         ("gram_orthogonality", (ws, True)),
         ("gram_orthogonality_backward", (go, torch.ops.ntkcl_fast.gram_orthogonality(ws, False)[1], ws, False)),
         ("cross_orthogonality", (old, new, True)),

@@ -175,7 +175,7 @@ def test_rejects_fp64(device, backend):
         with pytest.raises(TypeError, match="fp64"):
             projection.projection_residual(a, b, True, False)
         with pytest.raises(TypeError, match="fp64"):
-            projection.projection_residual_backward(torch.ones((), device=device), a, b, True, True)
+            projection.projection_residual_backward(torch.ones((), device=device), a, b, True, True, True, True)
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
