@@ -126,9 +126,11 @@ def ortho_variants():
                       "inv_x_ptr": "*fp32", "inv_y_ptr": "*fp32", "D": D}
             # df: G [B, K] row-major, contracted over K; dp: G^T through swapped strides, over B
             yield Variant("ortho", to._fo_grad_x_kernel, f"{tag} df",
-                          dict(grad_x, g_stride_r=K, g_stride_c=1, R=B, C=K), dict(panel, CT=triton.cdiv(K, to.BN)))
+                          dict(grad_x, g_stride_r=K, g_stride_c=1, R=B, C=K),
+                          dict(panel, CT=triton.cdiv(K, to.BN), PARTS=triton.cdiv(K, to.BN)))
             yield Variant("ortho", to._fo_grad_x_kernel, f"{tag} dp",
-                          dict(grad_x, g_stride_r=1, g_stride_c=K, R=K, C=B), dict(panel, CT=triton.cdiv(B, to.BN)))
+                          dict(grad_x, g_stride_r=1, g_stride_c=K, R=K, C=B),
+                          dict(panel, CT=triton.cdiv(B, to.BN), PARTS=triton.cdiv(B, to.BM)))
 
 
 def projection_variants():
@@ -234,7 +236,7 @@ def contrastive_variants():
                        "out_ptr": f"*{dn}", "rowdot": "*fp32", "inv_x_ptr": "*fp32", "inv_y_ptr": "*fp32", "R": N,
                        "C": N, "D": D},
                       {"NORMALIZE": True, "EPS": to.EPS, "BM": tc.BM, "BD": tc.BK, "BC": tc.BN,
-                       "CT": triton.cdiv(N, tc.BN)})
+                       "CT": triton.cdiv(N, tc.BN), "PARTS": 1})
     yield Variant("contrastive", tc._nc_finish_kernel, "fp64 stats",
                   {"stats_ptr": "*fp64", "out_ptr": "*fp32", "N": N}, {"FB": tc.FB, "FT": ft})
 

@@ -192,6 +192,19 @@ def test_feature_orthogonality_one_input_frozen(device, backend, frozen):
     torch.testing.assert_close(grad.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("device,backend", _pairs("feature_orthogonality"))
+def test_feature_orthogonality_is_deterministic(device, backend):
+    """Value and gradients repeat bit for bit (no float atomics in any reduction)."""
+    gen = torch.Generator().manual_seed(10)
+    f, p = _rand(gen, (37, 50), device, torch.float32), _rand(gen, (21, 50), device, torch.float32)
+    runs = []
+    for _ in range(2):
+        a, b = f.clone().requires_grad_(), p.clone().requires_grad_()
+        out = ntkcl_fast.feature_orthogonality(a, b, backend=backend)
+        runs.append((out.detach(), *torch.autograd.grad(out, (a, b))))
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
 # ----------------------------------------------------------------------------- projection_residual
 
 SMALL_PR = [(1, 1, 1), (3, 7, 2), (17, 64, 16)]

@@ -286,5 +286,5 @@ def ntkcl_contrastive_backward(grad_output, features, labels, temperature: float
     df = torch.empty_like(features)
     _fo_grad_x_kernel[(triton.cdiv(N, BM), triton.cdiv(D, BK))](
         g, N, 1, work, work, df, rowdot, inv32, inv32, N, N, D,
-        NORMALIZE=True, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(N, BN))
+        NORMALIZE=True, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(N, BN), PARTS=1)
     return df

@@ -9,10 +9,11 @@ The loop trip counts (D / BK, K / BN, B / BN) are compile-time constants: one co
 feature width and class count, which stay fixed through training.
 
 Backward, three launches (two when one side is frozen), nothing kept from the forward but the inputs:
-1. recompute each S tile as above; write G' = dL/dS * inv_norm(p) (a B x K fp32 scratch, the only
-   intermediate) and add the row dots <dL/dn_f, n_f> = sum_k G_ik S_ik (and per prototype) with
-   atomics;
-2. df = inv_f * (G' @ p - n_f * rowdot_f)  (tiles of [BM, BD], `tl.dot` over K);
+1. recompute each S tile as above; write G = dL/dS (a B x K fp32 scratch) and each tile's part of
+   the row dots <dL/dn_f, n_f> = sum_k G_ik S_ik (and per prototype) to its own slot of a
+   [K / BN, B] (and [B / BM, K]) fp32 buffer: no float atomics;
+2. df = inv_f * (G' @ p - n_f * rowdot_f)  (tiles of [BM, BD], `tl.dot` over K), the row dot
+   summed from its parts in a fixed order, so the gradient is the same on every run;
 3. dp likewise with G^T and f.
 Row norms are clamped at 1e-12 (torch.nn.functional.normalize); a clamped row gets the plain
 dn / 1e-12 gradient, as autograd gives.
@@ -78,8 +79,8 @@ def _fo_grad_s_kernel(f_ptr, p_ptr, g_ptr, rowdot_f, rowdot_p, inv_f_ptr, inv_p_
     tl.store(g_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], g, mask=valid)
     if NORMALIZE:
         gs = g * s
-        tl.atomic_add(rowdot_f + rows, tl.sum(gs, axis=1), mask=rows < B)
-        tl.atomic_add(rowdot_p + cols, tl.sum(gs, axis=0), mask=cols < K)
+        tl.store(rowdot_f + pid_n * B + rows, tl.sum(gs, axis=1), mask=rows < B)
+        tl.store(rowdot_p + pid_m * K + cols, tl.sum(gs, axis=0), mask=cols < K)
         if pid_n == 0:
             tl.store(inv_f_ptr + rows, inv_f, mask=rows < B)
         if pid_m == 0:
@@ -89,8 +90,9 @@ def _fo_grad_s_kernel(f_ptr, p_ptr, g_ptr, rowdot_f, rowdot_p, inv_f_ptr, inv_p_
 @triton.jit
 def _fo_grad_x_kernel(g_ptr, g_stride_r, g_stride_c, y_ptr, x_ptr, out_ptr, rowdot, inv_x_ptr, inv_y_ptr,
                       R, C, D, NORMALIZE: tl.constexpr, EPS: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                      BC: tl.constexpr, CT: tl.constexpr):
-    """out[R, D] = inv_x * (sum_c G[r, c] inv_y[c] y[c, :] - n_x * rowdot) (normalized), G @ y otherwise."""
+                      BC: tl.constexpr, CT: tl.constexpr, PARTS: tl.constexpr):
+    """out[R, D] = inv_x * (sum_c G[r, c] inv_y[c] y[c, :] - n_x * rowdot) (normalized), G @ y otherwise;
+    rowdot [PARTS, R] is summed over its parts in order."""
     pid_m, pid_d = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     ds = pid_d * BD + tl.arange(0, BD)
@@ -109,7 +111,10 @@ def _fo_grad_x_kernel(g_ptr, g_stride_r, g_stride_c, y_ptr, x_ptr, out_ptr, rowd
         inv_x = tl.load(inv_x_ptr + rows, mask=rows < R, other=1.0)
         live = inv_x < 1.0 / EPS
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + ds[None, :], mask=mask, other=0.0).to(tl.float32)
-        dot = tl.where(live, tl.load(rowdot + rows, mask=rows < R, other=0.0), 0.0)
+        dot = tl.zeros((BM,), dtype=tl.float32)
+        for part in range(0, PARTS):
+            dot += tl.load(rowdot + part * R + rows, mask=rows < R, other=0.0)
+        dot = tl.where(live, dot, 0.0)
         acc = (acc - x * inv_x[:, None] * dot[:, None]) * inv_x[:, None]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * D + ds[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -141,11 +146,12 @@ def feature_orthogonality_backward(grad_output, features, prototypes, normalize:
     dev = features.device
     coef = (grad_output.to(torch.float32) * (2.0 / (B * K) if mean else 2.0)).reshape(1).contiguous()
     g = torch.empty(B, K, dtype=torch.float32, device=dev)
-    rowdot_f = torch.zeros(B, dtype=torch.float32, device=dev)
-    rowdot_p = torch.zeros(K, dtype=torch.float32, device=dev)
+    m_tiles, n_tiles = triton.cdiv(B, BM), triton.cdiv(K, BN)
+    rowdot_f = torch.empty(n_tiles, B, dtype=torch.float32, device=dev)  # one part per tile column
+    rowdot_p = torch.empty(m_tiles, K, dtype=torch.float32, device=dev)
     inv_f = torch.empty(B, dtype=torch.float32, device=dev)
     inv_p = torch.empty(K, dtype=torch.float32, device=dev)
-    _fo_grad_s_kernel[(triton.cdiv(B, BM), triton.cdiv(K, BN))](
+    _fo_grad_s_kernel[(m_tiles, n_tiles)](
         features, prototypes, g, rowdot_f, rowdot_p, inv_f, inv_p, coef, B, K, D,
         NORMALIZE=normalize, EPS=EPS, BM=BM, BN=BN, BK=BK, KT=triton.cdiv(D, BK))
     df = dp = None
@@ -153,10 +159,10 @@ def feature_orthogonality_backward(grad_output, features, prototypes, normalize:
         df = torch.empty_like(features)
         _fo_grad_x_kernel[(triton.cdiv(B, BM), triton.cdiv(D, BK))](
             g, K, 1, prototypes, features, df, rowdot_f, inv_f, inv_p, B, K, D,
-            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(K, BN))
+            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=n_tiles, PARTS=n_tiles)
     if prototypes_grad:
         dp = torch.empty_like(prototypes)
         _fo_grad_x_kernel[(triton.cdiv(K, BM), triton.cdiv(D, BK))](
             g, 1, K, features, prototypes, dp, rowdot_p, inv_p, inv_f, K, B, D,
-            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(B, BN))
+            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(B, BN), PARTS=m_tiles)
     return df, dp
