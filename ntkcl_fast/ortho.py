@@ -10,6 +10,8 @@ Math runs in fp32 for fp16/bf16/fp32 inputs. Zero-norm rows are normalized as
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import _backend, _validate
@@ -229,7 +231,6 @@ _TRITON_MODULES = {"feature_orthogonality": "ortho", "projection_residual": "pro
 
 def _ops(name: str, op: str):
     if name == "triton":
-        import importlib
         return importlib.import_module(f".triton.{_TRITON_MODULES[op]}", __package__)
     return torch.ops.ntkcl_fast
 

@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ntkcl_fast
 from ntkcl_fast.reference import ortho as reference
 
 from ._helpers import assert_within_budget, device_backends, interpreted_triton
+from .test_ortho import _eager_contrastive as _eager
 
 PAIRS = [p for p in device_backends("ntkcl_contrastive") if p.values[1] == "triton"]
-
-
-def _eager(t):
-    """What users write today, in the inputs' dtype."""
-    def fn(f, labels):
-        f = F.normalize(f, dim=1)
-        s = f @ f.T / t
-        eye = torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
-        pos = (labels[:, None] == labels[None, :]) & ~eye
-        ninf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
-        return (-torch.logsumexp(torch.where(pos, s, ninf).reshape(-1), 0)
-                + torch.logsumexp(torch.where(eye, ninf, s), 1).mean())
-    return fn
 
 
 def _value_and_grad(fn, f, labels, scale=1.0):

@@ -9,23 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ntkcl_fast
 from ntkcl_fast.reference import ortho as reference
 
 from ._helpers import assert_within_budget, device_backends, interpreted_triton
+from .test_ortho import _eager_projection_residual as _eager
 
 PAIRS = [p for p in device_backends("projection_residual") if p.values[1] == "triton"]
-
-
-def _eager(normalize, reduction):
-    def fn(f, u):
-        if normalize:
-            f = F.normalize(f, dim=1)
-        r = f - f @ u @ u.T
-        return r.sum() if reduction == "sum" else (r ** 2).sum()
-    return fn
 
 
 def _value_and_grads(fn, f, u, need=(True, True)):

@@ -119,10 +119,9 @@ def _coefficients(f_ptr, u_ptr, rows, B, D, R, NORMALIZE: tl.constexpr, EPS: tl.
 
 
 @triton.jit
-def _residual_tile(f_ptr, u_ptr, c, inv, rows, k0, B, D, R, BM: tl.constexpr, BK: tl.constexpr,
-                   RP: tl.constexpr):
-    """(r, f_n, U^T tile [RP, BK], mask, column indices) of this program's rows at D offset k0;
-    r and f_n are zero outside B x D."""
+def _load_tile(f_ptr, u_ptr, inv, rows, k0, B, D, R, BK: tl.constexpr, RP: tl.constexpr):
+    """(f_n, U^T tile [RP, BK], mask, column indices) of this program's rows at D offset k0;
+    f_n is zero outside B x D."""
     ks = k0 + tl.arange(0, BK)
     cols = tl.arange(0, RP)
     mask = (rows[:, None] < B) & (ks[None, :] < D)
@@ -131,6 +130,15 @@ def _residual_tile(f_ptr, u_ptr, c, inv, rows, k0, B, D, R, BM: tl.constexpr, BK
     # U^T addressed directly (no transpose of a loaded tile)
     ut = tl.load(u_ptr + ks[None, :].to(tl.int64) * R + cols[:, None],
                  mask=(cols[:, None] < R) & (ks[None, :] < D), other=0.0).to(tl.float32)
+    return fn, ut, mask, ks
+
+
+@triton.jit
+def _residual_tile(f_ptr, u_ptr, c, inv, rows, k0, B, D, R, BM: tl.constexpr, BK: tl.constexpr,
+                   RP: tl.constexpr):
+    """(r, f_n, U^T tile [RP, BK], mask, column indices) of this program's rows at D offset k0;
+    r and f_n are zero outside B x D."""
+    fn, ut, mask, ks = _load_tile(f_ptr, u_ptr, inv, rows, k0, B, D, R, BK, RP)
     r = tl.where(mask, fn - tl.dot(c, ut, input_precision="ieee"), 0.0)
     return r, fn, ut, mask, ks
 
@@ -162,13 +170,7 @@ def _grad_residual_tile(f_ptr, u_ptr, c, inv, coef, rows, k0, B, D, R, SUMSQ: tl
         dr = coef * r
     else:
         # "sum": dL/dr is grad_output everywhere, r itself is not needed
-        ks = k0 + tl.arange(0, BK)
-        cols = tl.arange(0, RP)
-        mask = (rows[:, None] < B) & (ks[None, :] < D)
-        fn = tl.load(f_ptr + rows[:, None].to(tl.int64) * D + ks[None, :], mask=mask,
-                     other=0.0).to(tl.float32) * inv[:, None]
-        ut = tl.load(u_ptr + ks[None, :].to(tl.int64) * R + cols[:, None],
-                     mask=(cols[:, None] < R) & (ks[None, :] < D), other=0.0).to(tl.float32)
+        fn, ut, mask, ks = _load_tile(f_ptr, u_ptr, inv, rows, k0, B, D, R, BK, RP)
         dr = tl.where(mask, coef, 0.0)
     return dr, fn, ut, mask, ks
 
