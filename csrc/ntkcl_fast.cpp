@@ -1,5 +1,7 @@
 // Every ntkcl_fast:: op schema, in one place. Kernels live in cpu/<family>.cpp and
 // cuda/<family>.cu; fake kernels (for torch.compile) are registered from Python.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 #ifdef NTKCL_PYTHON_MODULE
 #include <Python.h>
@@ -70,6 +72,37 @@ TORCH_LIBRARY(ntkcl_fast, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ntkcl_contrastive_backward(Tensor grad_output, Tensor s, Tensor f_norm, Tensor lse_pos, Tensor lse_row, "
         "Tensor features, Tensor labels, float temperature) -> Tensor");
+}
+
+
+// Every op that writes an argument bumps that argument's autograd version counter on every
+// backend, as torch's own in-place ops do, so overwriting a tensor saved for backward is caught.
+namespace {
+bool writes(const c10::Argument& arg) { return arg.alias_info() && arg.alias_info()->isWrite(); }
+
+void bump_written_then_redispatch(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                                  torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (!writes(args[i])) continue;
+    const c10::IValue& v = (*stack)[first + i];
+    if (v.isTensor()) {
+      torch::autograd::increment_version(v.toTensor());
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList().vec()) torch::autograd::increment_version(t);
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ntkcl_fast, ADInplaceOrView, m) {
+  for (const char* op : {"ema_update_", "l2_penalty_grad_", "fisher_accumulate_", "adamr_step_", "dare_",
+                         "dare_multi_", "magnitude_prune_"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written_then_redispatch>());
+  }
 }
 
 #ifdef NTKCL_PYTHON_MODULE

@@ -81,6 +81,17 @@ def unavailable_reason(backend: str, device_type: str, op: str = "ema_update_") 
     raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
 
 
+# The Triton kernels are registered as ops of their own namespace, with the schema of the
+# extension's op of the same name, so every backend is one `torch.ops` call that torch.compile
+# keeps opaque, and the op machinery bumps version counters of what it writes.
+TRITON_NAMESPACE = "ntkcl_fast_triton"
+
+
+def kernel(backend: str, op: str):
+    """The `torch.ops` entry of `op` for a resolved compiled backend ('cpu', 'cuda' or 'triton')."""
+    return getattr(getattr(torch.ops, TRITON_NAMESPACE if backend == "triton" else "ntkcl_fast"), op)
+
+
 def dense(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The kernels take dense tensors: strided ones become contiguous copies (others stay as they are)."""
     return [t.contiguous() for t in tensors]
@@ -93,16 +104,27 @@ def write_back(originals: list[torch.Tensor], work: list[torch.Tensor]) -> None:
             o.copy_(w)
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device, op: str) -> str:
-    """The backend name to run `op` on for tensors on `device`."""
+    """The backend name to run `op` on for tensors on `device`.
+
+    torch.compile runs this once while tracing and keeps the name as a constant, so a compiled
+    graph calls the chosen kernel directly; eager calls hit a cache (what is installed does not
+    change while the process runs).
+    """
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+    return _resolve_cached(backend, device.type, op)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_cached(backend: str, device_type: str, op: str) -> str:
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("torch",)):
-            if unavailable_reason(name, device.type, op) is None:
+        for name in AUTO_ORDER.get(device_type, ("torch",)):
+            if unavailable_reason(name, device_type, op) is None:
                 return name
         return "torch"
-    reason = unavailable_reason(backend, device.type, op)
+    reason = unavailable_reason(backend, device_type, op)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is not available: {reason}")
     return backend

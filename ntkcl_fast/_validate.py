@@ -71,12 +71,16 @@ def no_overlap(written: list[torch.Tensor], w_name: str, read: list[torch.Tensor
     """ValueError when a written tensor shares memory with any other written or read tensor.
 
     Read tensors may overlap each other. Sorting the byte ranges makes this O(n log n), so it
-    stays cheap for model-sized lists.
+    stays cheap for model-sized lists. Tensors without storage (meta, and the fake tensors
+    torch.compile traces with) have no addresses to compare and are not checked here; the
+    compiled kernels repeat the check on the real tensors before they write.
     """
+    if torch.compiler.is_compiling():
+        return
     spans = []
     for name, tensors, is_written in ((w_name, written, True), (r_name, read, False)):
         for i, t in enumerate(tensors):
-            if t.numel():
+            if t.numel() and t.device.type != "meta":
                 lo, hi = _byte_range(t)
                 spans.append((lo, hi, is_written, f"{name}[{i}]"))
     spans.sort(key=lambda s: s[0])
@@ -90,6 +94,15 @@ def no_overlap(written: list[torch.Tensor], w_name: str, read: list[torch.Tensor
             end_any, last_any = hi, label
         if is_written and hi > end_written:
             end_written, last_written = hi, label
+
+
+def no_broadcast_outputs(tensors: list[torch.Tensor], name: str) -> None:
+    """ValueError naming the first written tensor with a stride-0 (expanded) dimension: several of
+    its elements share one memory location, so an in-place result cannot be stored in it."""
+    for i, t in enumerate(tensors):
+        if any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
+            raise ValueError(f"{name}[{i}] has a stride-0 (expanded) dimension, shape {tuple(t.shape)} "
+                             f"strides {t.stride()}; in-place outputs need one memory location per element")
 
 
 def finite_float(value, name: str, *, nonnegative: bool = False) -> float:

@@ -15,6 +15,13 @@ if _backend._C is not None:
         return None
 
 
+@torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::ema_update_", mutates_args=("ema",))
+def _triton_ema_update_(ema: list[torch.Tensor], src: list[torch.Tensor], decay: list[float],
+                        decay_tensor: torch.Tensor | None) -> None:
+    from .triton.ema import ema_update_ as launch
+    launch(ema, src, decay, decay_tensor)
+
+
 def _decay_args(decay, n: int, device: torch.device | None) -> tuple[list[float], torch.Tensor | None]:
     """(per-pair floats, None) or ([], 0-d tensor)."""
     if isinstance(decay, torch.Tensor):
@@ -40,11 +47,7 @@ def _run(backend: str, ema: list[torch.Tensor], src: list[torch.Tensor],
         reference.ema_update_(ema, src, decay_t if decay_t is not None else decays)
         return
     ema_work, src_work = _backend.dense(ema), _backend.dense(src)
-    if backend == "triton":
-        from .triton.ema import ema_update_ as triton_ema_update_
-        triton_ema_update_(ema_work, src_work, decays, decay_t)
-    else:
-        torch.ops.ntkcl_fast.ema_update_(ema_work, src_work, decays, decay_t)
+    _backend.kernel(backend, "ema_update_")(ema_work, src_work, decays, decay_t)
     _backend.write_back(ema, ema_work)
 
 
