@@ -42,3 +42,36 @@ def assert_within_budget(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Te
     ulp = torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
     budget = 2 * eager_err + (1 + extra_ulps) * ulp
     assert err <= budget, f"{what}: max error {err:.3e} > budget {budget:.3e} (eager error {eager_err:.3e})"
+
+
+def snapshot(tensors) -> list[torch.Tensor]:
+    """Copies of `tensors` (and of their .grad), to show later that nothing was written."""
+    out = []
+    for t in tensors:
+        out.append(t.detach().clone())
+        if t.grad is not None:
+            out.append(t.grad.detach().clone())
+    return out
+
+
+def assert_unchanged(tensors, before: list[torch.Tensor]) -> None:
+    """Every tensor (and .grad) still equals its snapshot, NaN-aware and bit for bit."""
+    after = snapshot(tensors)
+    assert len(after) == len(before), "a .grad appeared or vanished"
+    for i, (a, b) in enumerate(zip(after, before)):
+        assert torch.equal(a.view(-1).view(torch.uint8) if a.is_floating_point() else a,
+                           b.view(-1).view(torch.uint8) if b.is_floating_point() else b), f"tensor {i} changed"
+
+
+def assert_bumps_versions(fn, written) -> None:
+    """`fn()` bumps the autograd version counter of every tensor in `written`."""
+    before = [t._version for t in written]
+    fn()
+    for i, (t, v) in enumerate(zip(written, before)):
+        assert t._version > v, f"written tensor {i}: version counter not bumped"
+
+
+def compiled(fn):
+    """`fn` under torch.compile(fullgraph=True) with a fresh cache (a graph break fails the test)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, dynamic=False)
