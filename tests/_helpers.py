@@ -48,9 +48,9 @@ def snapshot(tensors) -> list[torch.Tensor]:
     """Copies of `tensors` (and of their .grad), to show later that nothing was written."""
     out = []
     for t in tensors:
-        out.append(t.detach().clone())
+        out.append(t.detach().clone(memory_format=torch.contiguous_format))
         if t.grad is not None:
-            out.append(t.grad.detach().clone())
+            out.append(t.grad.detach().clone(memory_format=torch.contiguous_format))
     return out
 
 
