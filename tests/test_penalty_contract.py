@@ -211,11 +211,68 @@ def _is_sparse_grad(t):
     return t.grad is not None and t.grad.layout != torch.strided
 
 
+def _bad_penalty_calls(device):
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device).to(dtype)
+    return [
+        (ValueError, "anchors", lambda: ([t(3), t(3)], [t(3)], None, {})),
+        (ValueError, r"anchors\[1\]", lambda: ([t(3), t(4)], [t(3), t(5)], None, {})),
+        (ValueError, r"importance\[0\]", lambda: ([t(3)], [t(3)], [t(4)], {})),
+        (ValueError, "importance", lambda: ([t(3)], [t(3)], [t(3), t(3)], {})),
+        (TypeError, r"params\[0\]", lambda: ([t(3).long()], [t(3)], None, {})),
+        (TypeError, r"anchors\[1\]", lambda: ([t(3), t(3)], [t(3), t(3, dtype=torch.complex64)], None, {})),
+        (TypeError, r"importance\[0\]", lambda: ([t(3)], [t(3)], [t(3).int()], {})),
+        (TypeError, r"anchors\[1\]", lambda: ([t(3), t(3)], [t(3), "x"], None, {})),
+        (TypeError, "params", lambda: (3.0, [t(3)], None, {})),
+        (ValueError, "lam", lambda: ([t(3)], [t(3)], None, {"lam": float("nan")})),
+        (TypeError, "lam", lambda: ([t(3)], [t(3)], None, {"lam": "1"})),
+        (TypeError, "half", lambda: ([t(3)], [t(3)], None, {"half": 1})),
+        (ValueError, "backend", lambda: ([t(3)], [t(3)], None, {"backend": "fast"})),
+    ]
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("case", range(len(_bad_penalty_calls("cpu"))))
+def test_bad_penalty_input_raises_before_writing(device, backend, case):
+    error, names, make = _bad_penalty_calls(device)[case]
+    params, anchors, importance, kw = make()
+    kw = {"backend": backend, **kw}
+    if isinstance(params, list):
+        params = [p.detach().requires_grad_() if p.is_floating_point() else p for p in params]
+    tensors = [t for t in (params if isinstance(params, list) else []) + anchors + (importance or [])
+               if isinstance(t, torch.Tensor)]
+    before = snapshot(tensors)
+    with pytest.raises(error, match=names):
+        ntkcl_fast.l2_penalty(params, anchors, importance, **kw)
+    with pytest.raises(error, match=names):
+        ntkcl_fast.l2_penalty_grad_(params, anchors, importance, **kw)
+    assert_unchanged(tensors, before)  # no .grad was created either
+
+
+def _bad_fisher_calls(device):
+    def t(*shape, dtype=torch.float32):
+        return torch.rand(*shape, device=device).to(dtype)
+    shared = t(8)
+    return [
+        (ValueError, "grads", lambda: ([t(3), t(3)], [t(3)], {})),
+        (ValueError, r"grads\[1\]", lambda: ([t(3), t(4)], [t(3), t(5)], {})),
+        (TypeError, r"fisher\[0\]", lambda: ([t(3).long()], [t(3)], {})),
+        (TypeError, r"grads\[0\]", lambda: ([t(3)], [t(3).long()], {})),
+        (ValueError, "scale", lambda: ([t(3)], [t(3)], {"scale": float("inf")})),
+        (TypeError, "decay", lambda: ([t(3)], [t(3)], {"decay": None})),
+        (ValueError, r"grads\[0\]", lambda: ([shared], [shared], {})),
+        (ValueError, r"fisher\[1\]", lambda: ([shared[:5], shared[4:]], [t(5), t(4)], {})),
+        (ValueError, r"fisher\[1\] has a stride-0", lambda: ([t(6), _expanded(device)], [t(6), t(6)], {})),
+        (ValueError, "backend", lambda: ([t(3)], [t(3)], {"backend": "fast"})),
+    ]
+
+
 @pytest.mark.parametrize("device,backend", device_backends("fisher_accumulate_"))
-def test_fisher_stride0_output_raises_before_writing(device, backend):
-    fisher = [torch.rand(6, device=device), _expanded(device)]
-    grads = [torch.randn(6, device=device), torch.randn(6, device=device)]
+@pytest.mark.parametrize("case", range(len(_bad_fisher_calls("cpu"))))
+def test_bad_fisher_input_raises_before_writing(device, backend, case):
+    error, names, make = _bad_fisher_calls(device)[case]
+    fisher, grads, kw = make()
     before = snapshot(fisher + grads)
-    with pytest.raises(ValueError, match=r"fisher\[1\] has a stride-0"):
-        ntkcl_fast.fisher_accumulate_(fisher, grads, backend=backend)
+    with pytest.raises(error, match=names):
+        ntkcl_fast.fisher_accumulate_(fisher, grads, **{"backend": backend, **kw})
     assert_unchanged(fisher + grads, before)
