@@ -124,6 +124,10 @@ def floating_list(tensors: list[torch.Tensor], name: str) -> None:
             raise TypeError(f"{name}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
 
 
+def _start(span) -> int:
+    return span[0]
+
+
 def no_overlap_labeled(written, read) -> None:
     """`no_overlap` over several named lists, so an error names the right argument and index.
 
@@ -138,14 +142,14 @@ def no_overlap_labeled(written, read) -> None:
     for entries, is_written in ((written, True), (read, False)):
         for entry in entries:
             for k, t in enumerate(entry[2]):
-                if t.numel() and t.device.type != "meta":
+                nbytes = t.nbytes
+                if nbytes and not t.is_meta:
                     if t.is_contiguous():  # the common case, without the per-dimension walk
                         lo = t.data_ptr()
-                        hi = lo + t.numel() * t.element_size()
+                        spans.append((lo, lo + nbytes, is_written, entry, k))
                     else:
-                        lo, hi = _byte_range(t)
-                    spans.append((lo, hi, is_written, entry, k))
-    spans.sort(key=lambda s: s[0])
+                        spans.append((*_byte_range(t), is_written, entry, k))
+    spans.sort(key=_start)
 
     def label(entry, k):
         name, indices = entry[0], entry[1]

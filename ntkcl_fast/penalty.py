@@ -152,11 +152,9 @@ def l2_penalty(params, anchors, importance=None, *, lam: float = 1.0, half: bool
         _check_lists([("params", params), ("anchors", anchors)] + ([("importance", importance)] if importance else []))
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    # anchors and importance are constants of the penalty: only params carry a gradient
-    anchors = [a.detach() for a in anchors]
-    importance = [f.detach() for f in importance]
-    if name == "torch":
-        return reference.l2_penalty(params, anchors, importance or None, scale).to(torch.float32)
+    if name == "torch":  # anchors and importance are constants of the penalty: only params carry a gradient
+        return reference.l2_penalty(params, [a.detach() for a in anchors],
+                                    [f.detach() for f in importance] or None, scale).to(torch.float32)
     if not dense:  # contiguous() of a param is differentiable: its gradient flows back through the copy
         params, anchors, importance = (_backend.dense(x) for x in (params, anchors, importance))
     return _backend.kernel(name, "l2_penalty")(params, anchors, importance, scale)
@@ -177,12 +175,14 @@ def _occurrences(params) -> list[list[int]]:
     return rounds
 
 
-def _grad_run(name, grads, params, anchors, importance, scale, accumulate):
+def _grad_run(name, grads, params, anchors, importance, scale, accumulate, dense):
     if name == "torch":
         g_new = reference.l2_penalty_grad(params, anchors, importance or None, scale)
         for g, d in zip(grads, g_new):
             g.copy_(g.to(d.dtype) + d if accumulate else d)
         return reference.l2_penalty(params, anchors, importance or None, scale).to(torch.float32)
+    if dense:  # contiguous lists go to the op as they are
+        return _backend.kernel(name, "l2_penalty_grad_")(grads, params, anchors, importance, scale, None, accumulate)
     work = _backend.dense(grads)
     value = _backend.kernel(name, "l2_penalty_grad_")(
         work, _backend.dense(params), _backend.dense(anchors), _backend.dense(importance), scale, None, accumulate)
@@ -219,13 +219,12 @@ def l2_penalty_grad_(params, anchors, importance=None, *, lam: float = 1.0, half
                                   ("importance", None, importance)])
     if not params:
         return torch.zeros((), dtype=torch.float32)
-    leaves, params = params, [p.detach() for p in params]
 
     def run(idx, out, accumulate):
         if len(idx) == len(params):
-            return _grad_run(name, out, params, anchors, importance, scale, accumulate)
+            return _grad_run(name, out, params, anchors, importance, scale, accumulate, dense)
         return _grad_run(name, out, [params[i] for i in idx], [anchors[i] for i in idx],
-                         [importance[i] for i in idx] if importance else [], scale, accumulate)
+                         [importance[i] for i in idx] if importance else [], scale, accumulate, False)
 
     # Everything is checked. The fresh gradients are attached only after the last call that can
     # fail, so an error leaves every .grad as it was.
@@ -235,9 +234,9 @@ def l2_penalty_grad_(params, anchors, importance=None, *, lam: float = 1.0, half
         v = run(held, grads, True)
         value = v if value is None else value + v
     for i, g in zip(fresh, new):
-        leaves[i].grad = g
+        params[i].grad = g
     for idx in rounds[1:]:  # a tensor listed again: its gradient is added again
-        value = value + run(idx, [leaves[i].grad for i in idx], True)
+        value = value + run(idx, [params[i].grad for i in idx], True)
     return value
 
 
@@ -251,15 +250,18 @@ def fisher_accumulate_(fisher, grads, *, scale: float = 1.0, decay: float = 1.0,
     scale = _validate.finite_float(scale, "scale")
     decay = _validate.finite_float(decay, "decay")
     name = _backend.resolve(backend, _device(fisher), "fisher_accumulate_")
-    if not _compiled_checks(name, fisher, grads):
+    dense = _compiled_checks(name, fisher, grads)
+    if not dense:
         _check_lists([("fisher", fisher), ("grads", grads)])
         _validate.no_broadcast_outputs(fisher, "fisher")
     _validate.no_overlap(fisher, "fisher", grads, "grads")
     if not fisher:
         return
-    grads = [g.detach() for g in grads]
     if name == "torch":
         reference.fisher_accumulate_(fisher, grads, scale, decay)
+        return
+    if dense:
+        _backend.kernel(name, "fisher_accumulate_")(fisher, grads, scale, decay)
         return
     work = _backend.dense(fisher)
     _backend.kernel(name, "fisher_accumulate_")(work, _backend.dense(grads), scale, decay)
