@@ -73,13 +73,3 @@ def adamr_samples(device, *, seed: int = 0):
     return [(params, grads, m, v, anchors, adamr_hyper(3), False),
             (params[:2], grads[:2], m[:2], v[:2], anchors[:2], adamr_hyper(1), True)]
 
-
-def clone_args(args):
-    """A deep copy of an argument tuple (tensors and lists of tensors), requires_grad kept."""
-    def one(x):
-        if isinstance(x, torch.Tensor):
-            return x.detach().clone().requires_grad_(x.requires_grad)
-        if isinstance(x, list):
-            return [one(t) for t in x]
-        return x
-    return tuple(one(x) for x in args)

@@ -9,8 +9,9 @@ import torch
 import ntkcl_fast
 from ntkcl_fast import _backend
 
-from ._helpers import assert_bumps_versions, assert_unchanged, compiled, device_backends, snapshot
-from ._penalty_samples import clone_args, fisher_samples, l2_grad_samples, l2_samples
+from ._helpers import (assert_bumps_versions, assert_unchanged, assert_within_budget, compiled, device_backends,
+                       snapshot)
+from ._penalty_samples import fisher_samples, l2_grad_samples, l2_samples
 
 PAIRS = device_backends("l2_penalty")
 
@@ -276,3 +277,48 @@ def test_bad_fisher_input_raises_before_writing(device, backend, case):
     with pytest.raises(error, match=names):
         ntkcl_fast.fisher_accumulate_(fisher, grads, **{"backend": backend, **kw})
     assert_unchanged(fisher + grads, before)
+
+
+# ---------------------------------------------------------------- the op samples against the reference
+@pytest.mark.parametrize("namespace", _namespaces())
+def test_grad_op_samples_match_reference(namespace):
+    """Overwrite samples start NaN-poisoned, so an element the op does not write shows."""
+    from ntkcl_fast.reference import penalty as reference
+    device = _op_device(namespace)
+    extra = 1 if namespace != "ntkcl_fast" and device == "cpu" else 0  # the interpreter truncates to bf16
+    for grads, params, anchors, importance, scale, go, accumulate in l2_grad_samples(device):
+        before = [g.clone() for g in grads]
+        value = getattr(torch.ops, namespace).l2_penalty_grad_(grads, params, anchors, importance, scale, go,
+                                                               accumulate)
+        f = importance or [None] * len(params)
+        c = 2 * scale * (1.0 if go is None else go.item())
+        want_v = reference.l2_penalty([p.double() for p in params], [a.double() for a in anchors],
+                                      [x.double() for x in importance] or None, scale)
+        torch.testing.assert_close(value.double(), want_v, rtol=1e-6, atol=1e-6)
+        for i, (g, b, p, a, fi) in enumerate(zip(grads, before, params, anchors, f)):
+            d64 = p.double() - a.double()
+            want = c * (d64 if fi is None else fi.double() * d64) + (b.double() if accumulate else 0)
+            d = p - a.to(p.dtype)  # eager PyTorch in the param's dtype
+            eager = c * (d if fi is None else fi.to(p.dtype) * d) + (b if accumulate else 0)
+            assert not g.isnan().any(), f"grads[{i}] has unwritten (NaN) elements"
+            assert_within_budget(g, want, eager, extra_ulps=extra, what=f"grads[{i}] {p.dtype}")
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_nan_propagates(device, backend):
+    p = torch.randn(1023, device=device, requires_grad=True)
+    a = torch.randn(1023, device=device)
+    with torch.no_grad():
+        p[17] = float("nan")
+    value = ntkcl_fast.l2_penalty([p], [a], backend=backend)
+    assert value.isnan()
+    value.backward()
+    assert p.grad[17].isnan() and p.grad.isnan().sum() == 1
+    p.grad = None
+    assert ntkcl_fast.l2_penalty_grad_([p], [a], backend=backend).isnan()
+    assert p.grad[17].isnan() and p.grad.isnan().sum() == 1
+    fisher = torch.rand(1023, device=device)
+    g = torch.randn(1023, device=device)
+    g[5] = float("nan")
+    ntkcl_fast.fisher_accumulate_(fisher, g, backend=backend)
+    assert fisher[5].isnan() and fisher.isnan().sum() == 1
