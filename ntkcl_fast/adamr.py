@@ -14,11 +14,6 @@ import torch
 from . import _backend, _validate
 from .reference import adamr as reference
 
-if _backend._C is not None:
-    @torch.library.register_fake("ntkcl_fast::adamr_step_")
-    def _adamr_step_fake(params, grads, exp_avg, exp_avg_sq, anchors, hyper, l1):
-        torch._check(len(hyper) == 8, lambda: "hyper must hold 8 values")
-
 
 @torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::adamr_step_", mutates_args=("params", "exp_avg", "exp_avg_sq"))
 def _triton_adamr_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
@@ -28,9 +23,14 @@ def _triton_adamr_step_(params: list[torch.Tensor], grads: list[torch.Tensor], e
     launch(params, grads, exp_avg, exp_avg_sq, anchors, hyper, l1)
 
 
-@_triton_adamr_step_.register_fake
-def _triton_adamr_step_fake(params, grads, exp_avg, exp_avg_sq, anchors, hyper, l1):
+def _adamr_step_fake(params, grads, exp_avg, exp_avg_sq, anchors, hyper, l1):
+    for name, other in (("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("anchors", anchors)):
+        torch._check(len(other) == len(params), lambda n=name: f"{n} must have one tensor per params")
     torch._check(len(hyper) == 8, lambda: "hyper must hold 8 values")
+
+
+for _ns in (("ntkcl_fast",) if _backend._C is not None else ()) + (_backend.TRITON_NAMESPACE,):
+    torch.library.register_fake(f"{_ns}::adamr_step_", _adamr_step_fake)
 
 
 class AdamR(torch.optim.Optimizer):
