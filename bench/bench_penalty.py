@@ -8,7 +8,8 @@ Ops and baselines (what users run today):
 - `l2_penalty fwd+bwd`: EWC value and gradient added into `.grad`.
   baselines: Avalanche-style autograd loop `lam * sum((F * (p - a) ** 2).sum())` + backward;
   `torch._foreach_*` closed form; mammoth-style flat vectors (cat of params every step).
-  ours: `l2_penalty(...).backward()` (autograd.Function) and `l2_penalty_grad_` (no graph).
+  ours: `l2_penalty(...).backward()` (the op's registered autograd formula) and `l2_penalty_grad_`
+  (no graph).
 - `fisher_accumulate_`: loop of `mul_` / `addcmul_`, `torch._foreach_*`, ours.
 - `adamr step`: `torch.optim.Adam(fused=True)` + a separate foreach pull, ours.
 Row keys match bench_ema: op, list, tensors, elements, dtype, impl, baseline, bytes, ms, ms_min,
@@ -219,7 +220,47 @@ def rows(device: str, quick: bool) -> list[dict]:
     return out
 
 
+def host_overhead(device: str = "cpu", repeats: int = 2000) -> dict[str, float]:
+    """Median microseconds per call on the ViT-B/16 list with one element per tensor (152
+    tensors, bf16 params with fp32 anchors and importance): what Python and the dispatcher
+    cost per call, with next to no kernel time. One thread: on a shared CPU the wake-up of idle
+    pool threads would otherwise dominate. Run with `python bench/bench_penalty.py --host`."""
+    import statistics
+    import time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    shapes = [(1,)] * len(LISTS["ViT-B/16"])
+    P, A, F = make(shapes, torch.bfloat16, device)
+    backend = our_backends(device)[0]
+    opt = ntkcl_fast.AdamR(P, lr=1e-4, pull=0.01, anchors=A, backend=backend)
+    calls = {
+        "l2_penalty_grad_": lambda: ntkcl_fast.l2_penalty_grad_(P, A, F, lam=LAM, backend=backend),
+        "l2_penalty+backward": lambda: ntkcl_fast.l2_penalty(P, A, F, lam=LAM, backend=backend).backward(),
+        "fisher_accumulate_": lambda: ntkcl_fast.fisher_accumulate_(F, [p.grad for p in P], scale=1e-6,
+                                                                    backend=backend),
+        "AdamR.step": opt.step,
+    }
+    out = {}
+    for name, fn in calls.items():
+        for _ in range(20):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        out[name] = statistics.median(times)
+    torch.set_num_threads(threads)
+    return out
+
+
 if __name__ == "__main__":
+    if "--host" in sys.argv:
+        for name, us in host_overhead().items():
+            print(f"{name}: {us:.1f} us per call (152 one-element tensors)")
+        sys.exit(0)
     from bench.run import standalone
 
     standalone("penalty")

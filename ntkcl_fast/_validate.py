@@ -122,3 +122,47 @@ def floating_list(tensors: list[torch.Tensor], name: str) -> None:
     for i, t in enumerate(tensors):
         if t.dtype not in FLOATING:
             raise TypeError(f"{name}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+
+
+def _start(span) -> int:
+    return span[0]
+
+
+def no_overlap_labeled(written, read) -> None:
+    """`no_overlap` over several named lists, so an error names the right argument and index.
+
+    `written` and `read` hold `(name, indices, tensors, suffix)` (suffix optional): tensor k is
+    labelled `name[indices[k]]suffix` (`name[k]` when indices is None), e.g. `params[3].grad`
+    for the gradient of the fourth param when only some params have one. Labels are formatted
+    only for the error.
+    """
+    if torch.compiler.is_compiling():
+        return
+    spans = []
+    for entries, is_written in ((written, True), (read, False)):
+        for entry in entries:
+            for k, t in enumerate(entry[2]):
+                nbytes = t.nbytes
+                if nbytes and not t.is_meta:
+                    if t.is_contiguous():  # the common case, without the per-dimension walk
+                        lo = t.data_ptr()
+                        spans.append((lo, lo + nbytes, is_written, entry, k))
+                    else:
+                        spans.append((*_byte_range(t), is_written, entry, k))
+    spans.sort(key=_start)
+
+    def label(entry, k):
+        name, indices = entry[0], entry[1]
+        return f"{name}[{indices[k] if indices is not None else k}]{entry[3] if len(entry) > 3 else ''}"
+
+    end_any = end_written = -1
+    last_any = last_written = None
+    for lo, hi, is_written, entry, k in spans:
+        other = last_any if is_written and lo < end_any else (last_written if lo < end_written else None)
+        if other:
+            raise ValueError(f"{label(entry, k)} shares memory with {label(*other)}; "
+                             "in-place outputs must not alias any input")
+        if hi > end_any:
+            end_any, last_any = hi, (entry, k)
+        if is_written and hi > end_written:
+            end_written, last_written = hi, (entry, k)

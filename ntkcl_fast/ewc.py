@@ -101,10 +101,16 @@ class EWC:
         if params is None:
             return [n for n, p in named.items() if p.requires_grad]
         patterns = [params] if isinstance(params, str) else list(params)
+        compiled = []
         for i, pat in enumerate(patterns):
             if not isinstance(pat, str):
                 raise TypeError(f"params[{i}] must be a regex string, got {type(pat).__name__}")
-        names = [n for n, p in named.items() if p.requires_grad and any(re.search(pat, n) for pat in patterns)]
+            try:
+                compiled.append(re.compile(pat))
+            except re.error as exc:
+                label = "params" if isinstance(params, str) else f"params[{i}]"
+                raise ValueError(f"{label} is not a valid regular expression ({pat!r}: {exc})") from None
+        names = [n for n, p in named.items() if p.requires_grad and any(c.search(n) for c in compiled)]
         if not names:
             raise ValueError(f"params {patterns!r} match no trainable parameter of the model")
         return names
@@ -243,12 +249,10 @@ class EWC:
 
     def penalty_grad_(self) -> torch.Tensor:
         """Adds the penalty's gradient into `.grad` of the selected parameters; returns the value."""
-        total = torch.zeros((), dtype=torch.float32, device=self._device())
-        params = self.parameters()
-        for anchors, importance in self._all_terms():  # one call per term: a param appears once per call
-            v = l2_penalty_grad_(params, anchors, importance, lam=self.lam, half=self.half, backend=self.backend)
-            total = total + v
-        return total
+        if not self._all_terms():
+            return torch.zeros((), dtype=torch.float32, device=self._device())
+        p, a, f = self._lists()  # a param listed once per term gets each term's gradient added
+        return l2_penalty_grad_(p, a, f, lam=self.lam, half=self.half, backend=self.backend)
 
     def _all_terms(self):
         return ([self.l2sp] if self.l2sp is not None else []) + self.terms

@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as nnf
 
+from ntkcl_fast import _backend
 from ntkcl_fast.ewc import EWC
+
+from ._helpers import compiled
 
 torch.set_default_dtype(torch.float32)
 
@@ -264,6 +267,10 @@ def test_bad_arguments():
         EWC(model, params=r"nothing")
     with pytest.raises(TypeError, match=r"params\[1\]"):
         EWC(model, params=[r"0\.", 3])
+    with pytest.raises(ValueError, match="params is not a valid regular expression"):
+        EWC(model, params="[")
+    with pytest.raises(ValueError, match=r"params\[1\] is not a valid regular expression"):
+        EWC(model, params=[r"0\.", "(?"])
     with pytest.raises(ValueError, match="mode"):
         EWC(model, mode="both")
     with pytest.raises(ValueError, match="labels"):
@@ -295,11 +302,13 @@ def test_frozen_parameters_are_not_selected():
     assert EWC(model, params=r"^0\.").names == ["0.bias"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+_BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(_backend._C is None, reason="extension not built")),
+             pytest.param("triton", marks=pytest.mark.skipif(_backend.unavailable_reason("triton", "cpu", "l2_penalty")
+                                                             is not None, reason="triton unavailable"))]
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
 def test_bf16_model_with_fp32_fisher(backend):
-    from ntkcl_fast import _backend
-    if backend == "cpu" and _backend._C is None:
-        pytest.skip("extension not built")
     model = _model().to(torch.bfloat16)
     batches = [(x.to(torch.bfloat16), y) for x, y in _batches(1)]
     ewc = EWC(model, lam=10.0, backend=backend)
@@ -316,3 +325,28 @@ def test_bf16_model_with_fp32_fisher(backend):
     for p, w in zip(ewc.parameters(), want):
         assert p.grad.dtype == torch.bfloat16
         assert torch.equal(p.grad, w)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_penalty_and_penalty_grad_compile_to_eager(backend):
+    model = _model()
+    ewc = EWC(model, lam=0.5, backend=backend)
+    ewc.anchor_to_current(importance=0.25)
+    ewc.consolidate(_batches(1))
+    _perturb(model, 4)
+    ewc.consolidate(_batches(2))  # separate mode: each param appears once per term
+    _perturb(model, 5)
+    results = []
+    for wrap in (lambda f: f, compiled):
+        model.zero_grad(set_to_none=True)
+        value = wrap(ewc.penalty)()
+        value.backward()
+        from_backward = [p.grad.clone() for p in ewc.parameters()]
+        model.zero_grad(set_to_none=True)
+        value2 = wrap(ewc.penalty_grad_)()
+        results.append([value.detach(), value2] + from_backward + [p.grad for p in ewc.parameters()])
+    for a, b in zip(*results):
+        if backend == "torch":  # the reference, which inductor fuses and may round differently
+            torch.testing.assert_close(a, b)
+        else:
+            assert torch.equal(a, b)

@@ -1,0 +1,153 @@
+"""AdamR's op contract: opcheck of the extension and Triton ops, `torch.compile(opt.step,
+fullgraph=True)` equal to eager, version counters, a step that raises changes nothing, anchors
+of added groups."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ntkcl_fast import AdamR, _backend
+
+from ._helpers import assert_bumps_versions, assert_unchanged, compiled, device_backends, snapshot
+from ._penalty_samples import adamr_samples
+
+PAIRS = device_backends("adamr_step_")
+
+
+def _namespaces():
+    triton_reason = _backend.unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu",
+                                                "adamr_step_")
+    return [pytest.param("ntkcl_fast", marks=pytest.mark.skipif(_backend._C is None, reason="extension not built")),
+            pytest.param(_backend.TRITON_NAMESPACE, marks=pytest.mark.skipif(triton_reason is not None,
+                                                                          reason=str(triton_reason)))]
+
+
+@pytest.mark.parametrize("namespace", _namespaces())
+def test_opcheck(namespace):
+    cuda = torch.cuda.is_available() and (namespace != "ntkcl_fast" or _backend.backends()["cuda"])
+    for args in adamr_samples("cuda" if cuda else "cpu"):
+        torch.library.opcheck(getattr(torch.ops, namespace).adamr_step_.default, args)
+
+
+def _model_params(device, seed=0, strided=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in [(5, 3), (7,), (2, 9)]:
+        t = torch.randn(shape[::-1] if strided else shape, generator=gen).to(device)
+        out.append(torch.nn.Parameter(t.t() if strided and t.dim() == 2 else t))
+    return out
+
+
+def _set_grads(params, step):
+    gen = torch.Generator().manual_seed(50 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_compiled_step_equals_eager(device, backend):
+    results = []
+    for compile_it in (False, True):
+        params = _model_params(device)
+        opt = AdamR([{"params": params[:2]}, {"params": params[2:], "pull_norm": "l1", "lr": 0.05}],
+                    lr=1e-2, weight_decay=0.1, pull=0.3, backend=backend)
+        step = compiled(opt.step) if compile_it else opt.step
+        for k in range(3):
+            _set_grads(params, k)
+            if k == 1:
+                params[1].grad = None  # skipped this step: its step count falls behind
+            step()
+        results.append(([p.detach().clone() for p in params],
+                        [opt.state[p][key] for p in params for key in ("exp_avg", "exp_avg_sq")],
+                        [opt.state[p]["step"] for p in params]))
+    (p_e, s_e, n_e), (p_c, s_c, n_c) = results
+    assert n_c == n_e == [3, 2, 3]
+    for a, b in zip(p_c + s_c, p_e + s_e):
+        if backend == "torch":  # the reference, which inductor fuses and may round differently
+            torch.testing.assert_close(a, b)
+        else:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_step_bumps_versions_and_autograd_sees_it(device, backend, strided):
+    params = _model_params(device, strided=strided)
+    opt = AdamR(params, lr=1e-2, pull=0.1, backend=backend)
+    _set_grads(params, 0)
+    opt.step()
+    w = torch.randn(params[0].shape, device=device, requires_grad=True)
+    graph = (w * params[0]).sum()  # saves params[0] for backward
+    _set_grads(params, 1)
+    written = params + [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+    assert_bumps_versions(opt.step, written)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        graph.backward()
+
+
+def _optimizer_tensors(opt):
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            out.append(p)
+            out += [v for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("bad", ["sparse grad", "backend"])
+def test_a_step_that_raises_changes_nothing(device, backend, bad):
+    params = _model_params(device)
+    extra = torch.nn.Parameter(torch.randn(4, device=device))
+    opt = AdamR([{"params": params}, {"params": [extra]}], lr=1e-2, pull=0.1, backend=backend)
+    _set_grads(params, 0)
+    opt.step()  # state exists for params, not yet for extra
+    _set_grads(params, 1)
+    if bad == "sparse grad":
+        extra.grad = torch.ones(4, device=device).to_sparse()
+        error, message = TypeError, "sparse"
+    else:
+        extra.grad = torch.ones(4, device=device)
+        opt.backend = "cuda" if device == "cpu" else "cpu"
+        error, message = RuntimeError, "backend"
+    tensors = _optimizer_tensors(opt)
+    before = [t.detach().clone() for t in tensors]
+    grads = snapshot(params)
+    steps = {id(p): dict(opt.state[p]).get("step") for p in params + [extra]}
+    versions = [t._version for t in tensors]
+    with pytest.raises(error, match=message):
+        opt.step()
+    for t, b in zip(_optimizer_tensors(opt), before):
+        assert torch.equal(t.detach(), b)
+    assert_unchanged(params, grads)
+    assert steps == {id(p): dict(opt.state[p]).get("step") for p in params + [extra]}
+    assert versions == [t._version for t in tensors]
+    assert "exp_avg" not in opt.state[extra]
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_added_group_is_anchored_at_its_current_value(device, backend):
+    first, later = _model_params(device), torch.nn.Parameter(torch.randn(6, device=device))
+    opt = AdamR(first, lr=0.1, pull=1.0, backend=backend)
+    opt.add_param_group({"params": [later], "pull": 0.5})
+    start = later.detach().clone()
+    assert torch.equal(opt.state[later]["anchor"], start)
+    with torch.no_grad():
+        later.add_(1.0)  # moved away from the anchor before the first step
+    later.grad = torch.zeros(6, device=device)
+    opt.step()
+    # zero gradient: the Adam update is 0, so only the pull moved it, from start + 1 toward start
+    torch.testing.assert_close(later.detach(), start + 1.0 - 0.1 * 0.5 * 1.0)
+
+
+def test_anchors_given_at_construction_win_and_torch_step_counts_load():
+    p = torch.nn.Parameter(torch.randn(3))
+    anchor = torch.zeros(3)
+    opt = AdamR([p], anchors=[anchor], pull=1.0)
+    assert torch.equal(opt.state[p]["anchor"], anchor)
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = torch.tensor(7.0)  # torch.optim's format: a tensor count
+    opt.load_state_dict(sd)
+    assert opt.state[p]["step"] == 7 and isinstance(opt.state[p]["step"], int)
