@@ -7,12 +7,17 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend, _validate
+from ._value_checks import checked_values
 from .reference import ema as reference
 
+def _ema_update_fake(ema, src, decay, decay_tensor):
+    torch._check(len(ema) == len(src), lambda: "ema and src must have the same length")
+    for i, (e, s) in enumerate(zip(ema, src)):
+        torch._check(e.shape == s.shape, lambda: f"ema[{i}] and src[{i}] must have the same shape")
+
+
 if _backend._C is not None:
-    @torch.library.register_fake("ntkcl_fast::ema_update_")
-    def _ema_update_fake(ema, src, decay, decay_tensor):
-        return None
+    torch.library.register_fake("ntkcl_fast::ema_update_")(_ema_update_fake)
 
 
 @torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::ema_update_", mutates_args=("ema",))
@@ -22,8 +27,35 @@ def _triton_ema_update_(ema: list[torch.Tensor], src: list[torch.Tensor], decay:
     launch(ema, src, decay, decay_tensor)
 
 
-def _decay_args(decay, n: int, device: torch.device | None) -> tuple[list[float], torch.Tensor | None]:
-    """(per-pair floats, None) or ([], 0-d tensor)."""
+_triton_ema_update_.register_fake(_ema_update_fake)
+
+
+def _check_pairs(ema: list[torch.Tensor], src: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Every per-pair check, before anything is written: (floating pair indices, other pair indices)."""
+    _validate.same_shapes(ema, "ema", src, "src")
+    _validate.one_device([("ema", ema), ("src", src)])
+    floating, other = [], []
+    for i, (e, s) in enumerate(zip(ema, src)):
+        if e.is_complex() or s.is_complex():
+            raise TypeError(f"ema[{i}]/src[{i}] are complex, which EMA does not support")
+        if e.is_floating_point() != s.is_floating_point():
+            raise TypeError(f"ema[{i}] ({e.dtype}) and src[{i}] ({s.dtype}) must both be floating or both not")
+        if e.is_floating_point():
+            for arg, t in (("ema", e), ("src", s)):
+                if t.dtype not in _validate.FLOATING:
+                    raise TypeError(f"{arg}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+            floating.append(i)
+        else:
+            other.append(i)
+    _validate.no_broadcast_outputs(ema, "ema")
+    _validate.no_overlap(ema, "ema", src, "src")
+    return floating, other
+
+
+def _decay_args(decay, n: int, device: torch.device | None,
+                kernel_checks: bool) -> tuple[list[float], torch.Tensor | None]:
+    """(per-pair floats, None) or ([], 0-d tensor). `kernel_checks`: the compiled op range-checks a
+    CPU decay tensor itself (a CUDA one is read on device and not checked: that would sync)."""
     if isinstance(decay, torch.Tensor):
         if decay.dim() != 0:
             raise ValueError(f"decay must be a 0-d tensor, got shape {tuple(decay.shape)}")
@@ -31,8 +63,8 @@ def _decay_args(decay, n: int, device: torch.device | None) -> tuple[list[float]
             raise TypeError(f"decay must be a floating tensor, got {decay.dtype}")
         if device is not None and decay.device != device:
             raise ValueError(f"decay must be on the tensors' device {device}, got {decay.device}")
-        if decay.device.type == "cpu":  # a CUDA decay is read on device: checking it would sync
-            _validate.unit_interval(decay.item(), "decay")
+        if decay.device.type == "cpu" and not kernel_checks:
+            return [], checked_values(decay.detach(), "unit", "decay")
         return [], decay.detach()
     if isinstance(decay, Sequence) and not isinstance(decay, (str, bytes)):
         if len(decay) != n:
@@ -58,35 +90,22 @@ def ema_update_(ema, src, decay, *, backend: str = "auto") -> None:
     Non-floating pairs (int/bool buffers) are copied. `decay` is a float, one float per pair, or
     a 0-d floating tensor on the tensors' device (read on device, so CUDA graphs can capture
     the call; a CUDA decay tensor is not range-checked, since that would need a host sync).
+    Every check runs before the first write.
     """
     ema = _validate.tensor_list(ema, "ema")
     src = _validate.tensor_list(src, "src")
     _validate.same_length(ema, "ema", src, "src")
-    name = _backend.resolve(backend, ema[0].device if ema else torch.device("cpu"), "ema_update_")
+    device = ema[0].device if ema else torch.device("cpu")
+    name = _backend.resolve(backend, device, "ema_update_")
     if name in ("cpu", "cuda") and all(t.is_contiguous() for t in ema) and all(t.is_contiguous() for t in src):
-        # The compiled op checks shapes, dtypes, devices and aliasing itself, before any write,
-        # naming argument and index: a Python loop over a model would cost more than the kernel.
-        decays, decay_t = _decay_args(decay, len(ema), ema[0].device if ema else None)
+        # The compiled op checks shapes, dtypes, devices, aliasing and the decay itself, before any
+        # write, naming argument and index: a Python loop over a model would cost more than the kernel.
+        decays, decay_t = _decay_args(decay, len(ema), device if ema else None, kernel_checks=True)
         if ema:  # an op with no tensor arguments has no device to dispatch on
-            torch.ops.ntkcl_fast.ema_update_(ema, src, decays if decay_t is None else [], decay_t)
+            torch.ops.ntkcl_fast.ema_update_(ema, src, decays, decay_t)
         return
-    _validate.same_shapes(ema, "ema", src, "src")
-    device = _validate.one_device([("ema", ema), ("src", src)])
-    floating, other = [], []
-    for i, (e, s) in enumerate(zip(ema, src)):
-        if e.is_floating_point() != s.is_floating_point():
-            raise TypeError(f"ema[{i}] ({e.dtype}) and src[{i}] ({s.dtype}) must both be floating or both not")
-        if e.is_floating_point():
-            for arg, t in (("ema", e), ("src", s)):
-                if t.dtype not in _validate.FLOATING:
-                    raise TypeError(f"{arg}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
-            floating.append(i)
-        elif e.is_complex() or s.is_complex():
-            raise TypeError(f"ema[{i}]/src[{i}] are complex, which EMA does not support")
-        else:
-            other.append(i)
-    decays, decay_t = _decay_args(decay, len(ema), device)
-    _validate.no_overlap(ema, "ema", src, "src")
+    floating, other = _check_pairs(ema, src)
+    decays, decay_t = _decay_args(decay, len(ema), device if ema else None, kernel_checks=False)
     if floating:
         _run(name, [ema[i] for i in floating], [src[i] for i in floating],
              [decays[i] for i in floating] if decay_t is None else [], decay_t)
