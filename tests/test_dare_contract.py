@@ -2,6 +2,10 @@
 and autograd's in-place check, nothing written before an error, opcheck of every op."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -154,3 +158,11 @@ def test_opcheck_magnitude_prune_(namespace):
         torch.library.opcheck(getattr(torch.ops, namespace).magnitude_prune_.default,
                               (delta.contiguous(), round(density * delta.numel())))
 
+
+
+@pytest.mark.skipif(_backend._triton_import_error() is not None, reason="triton is not installed")
+def test_ema_and_dare_triton_kernels_compile_for_sm80_and_sm90():
+    """The interpreter does not type-check kernels: compile every EMA / DARE variant to PTX."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "compile_triton_ema_dare.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
