@@ -27,3 +27,10 @@ def checked_values(values: torch.Tensor, rule: str, name: str) -> torch.Tensor:
 @checked_values.register_fake
 def _checked_values_fake(values, rule, name):
     return torch.empty_like(values)
+
+
+def _checked_values_backward(ctx, grad):
+    return grad, None, None  # the values pass through unchanged
+
+
+checked_values.register_autograd(_checked_values_backward)

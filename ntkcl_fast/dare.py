@@ -1,5 +1,5 @@
 """DARE / DAREx delta-parameter pruning: `dare_mask`, `dare`, `dare_delta_`, `dare_state_dict`,
-`magnitude_prune_`, and DAREx's q rescaling (`darex_q_search`, `darex_analytic_q`).
+`magnitude_prune_`; DAREx's q rescaling (`darex_q_search`, `darex_analytic_q`) lives in darex.py.
 
 The mask of every backend follows the keep rule of docs/API.md (Philox4x32-10 keyed by seed,
 tensor key and flat element index); it is recomputed, never stored, so it is the same on every
@@ -15,7 +15,7 @@ import torch
 
 from . import _backend, _validate
 from ._value_checks import checked_values
-from .darex import darex_analytic_q, darex_q_search
+from .darex import darex_analytic_q, darex_q_search  # re-exported: the package imports them from here
 from .random import M64, as_i64, as_u64, tensor_key, threshold
 from .reference import dare as reference
 
@@ -337,7 +337,7 @@ def prune_k_(delta: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Ten
         keep = reference.magnitude_keep(delta, k).reshape(delta.shape)
         return delta.masked_fill_(~keep, 0)
     work = delta if delta.is_contiguous() else delta.contiguous()
-    torch.ops.ntkcl_fast.magnitude_prune_(work, k)
+    _backend.kernel(name, "magnitude_prune_")(work, k)
     if work is not delta:
         delta.copy_(work)
     return delta

@@ -10,6 +10,8 @@ from . import _backend, _validate
 from ._value_checks import checked_values
 from .reference import ema as reference
 
+
+# One fake kernel for both ops of the same schema (the extension's and the Triton one).
 def _ema_update_fake(ema, src, decay, decay_tensor):
     torch._check(len(ema) == len(src), lambda: "ema and src must have the same length")
     for i, (e, s) in enumerate(zip(ema, src)):

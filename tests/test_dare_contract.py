@@ -166,3 +166,15 @@ def test_ema_and_dare_triton_kernels_compile_for_sm80_and_sm90():
     script = Path(__file__).resolve().parent.parent / "scripts" / "compile_triton_ema_dare.py"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_compiled_per_row_q_is_still_checked(device, backend):
+    """The per-row q check runs inside the graph (as an op), before anything is written."""
+    f, b = torch.randn(4, 5, device=device), torch.randn(4, 5, device=device)
+    fn = compiled(lambda f, b, q: ntkcl_fast.dare(f, b, 0.5, q=q, out=f, backend=backend))
+    fn(f, b, torch.ones(4, device=device))
+    before = snapshot([f, b])
+    with pytest.raises(ValueError, match="q"):
+        fn(f, b, torch.tensor([1.0, float("nan"), 1.0, 1.0], device=device))
+    assert_unchanged([f, b], before)

@@ -165,3 +165,33 @@ def test_opcheck(namespace, grad):
     op = getattr(torch.ops, namespace).ema_update_.default
     for args in ema_op_samples("cpu", grad=grad):
         torch.library.opcheck(op, args)
+
+
+# CPU tensors only: a CUDA decay tensor is read on device and not range-checked (that would sync)
+@pytest.mark.parametrize("device,backend", [p for p in PAIRS if p.values[0] == "cpu"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_compiled_decay_tensor_is_still_range_checked(device, backend, contiguous):
+    """The CPU decay-tensor check runs inside the graph (as an op), before anything is written."""
+    ema = [torch.randn(3), torch.randn(4, 6) if contiguous else torch.randn(6, 4).t()]
+    src = [torch.randn(3), torch.randn(4, 6)]
+    fn = compiled(lambda e, s, d: ntkcl_fast.ema_update_(e, s, d, backend=backend))
+    fn(ema, src, torch.tensor(0.5))
+    before = snapshot(ema)
+    with pytest.raises(ValueError, match="decay"):
+        fn(ema, src, torch.tensor(1.5))
+    assert_unchanged(ema, before)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_value_check_op(grad):
+    """The range-check op of tensor arguments: opcheck, the error, and values passed through."""
+    op = torch.ops.ntkcl_fast_checks.checked_values.default
+    decay = torch.tensor(0.25, dtype=torch.float64, requires_grad=grad)
+    rows = torch.rand(7, dtype=torch.float64).add_(0.1).requires_grad_(grad)
+    torch.library.opcheck(op, (decay, "unit", "decay"))
+    torch.library.opcheck(op, (rows, "positive", "q"))
+    assert torch.equal(op(rows, "positive", "q"), rows)
+    for bad, rule in ((torch.tensor(1.5), "unit"), (torch.tensor(float("nan")), "unit"),
+                      (torch.tensor([1.0, 0.0]), "positive"), (torch.tensor([float("inf")]), "positive")):
+        with pytest.raises(ValueError, match="my_arg"):
+            op(bad, rule, "my_arg")

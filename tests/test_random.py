@@ -96,3 +96,8 @@ def test_compiled_cpu_mask_is_the_oracle(n, p, seed, key):
         pytest.skip("the compiled CPU kernels are not built")
     got = ntkcl_fast.dare_mask((n,), p, seed=seed, key=key, backend="cpu")
     assert bool((got == keep_mask((n,), p, seed, key)).all())
+
+
+def test_philox_words_op_passes_opcheck():
+    op = torch.ops.ntkcl_fast_reference.philox_words.default
+    torch.library.opcheck(op, (torch.arange(9, dtype=torch.int64) * 7919, -3, 5))
