@@ -74,14 +74,15 @@ def test_model_ema_compiled_equals_eager(device, backend):
     _assert_same(_state(comp.module), _state(eager.module), backend)
 
 
-@pytest.mark.parametrize("device,backend", [p for p in PAIRS if p.values[1] == "torch"])
-def test_ema_multi_avg_fn_compiled_equals_eager(device, backend):
-    _, ema, src, _ = ema_samples(device)[0]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_ema_multi_avg_fn_compiled_equals_eager(device):
+    _, ema, src, _ = ema_samples(device)[0]  # with an int buffer: torch's own formula for those
     fn = ema_multi_avg_fn(0.8)
     want = _clones(ema)
     fn(want, src, 1)
     compiled(lambda e, s: fn(e, s, 1))(ema, src)
-    _assert_same(ema, want, backend)
+    _assert_same(ema, want, "auto")
 
 
 @pytest.mark.parametrize("device,backend", PAIRS)
