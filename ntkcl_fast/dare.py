@@ -250,19 +250,41 @@ def _exclude_arg(exclude) -> list[re.Pattern]:
     return pats
 
 
+def _state_args(finetuned, base, buffers: bool) -> tuple[Mapping, Mapping, set | None]:
+    """(finetuned mapping, base mapping, names to merge or None for every floating tensor).
+
+    A module stands for its state dict; of a module only the parameters are merged (and the
+    floating buffers with `buffers=True`), its other buffers come from the finetuned side.
+    """
+    merged = None
+    maps = []
+    for arg, value in (("finetuned", finetuned), ("base", base)):
+        if isinstance(value, torch.nn.Module):
+            names = {n for n, _ in value.named_parameters()}
+            if buffers:
+                names |= {n for n, b in value.named_buffers() if b.is_floating_point()}
+            merged = names if merged is None else merged & names
+            value = {n: t.detach() for n, t in value.state_dict(keep_vars=True).items()}
+        elif not isinstance(value, Mapping):
+            raise TypeError(f"{arg} must be a mapping name -> tensor or a torch.nn.Module, got {type(value).__name__}")
+        maps.append(value)
+    return maps[0], maps[1], merged
+
+
 @torch.no_grad()
-def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed: int = 0, exclude=(),
+def dare_state_dict(finetuned, base, p: float, *, q=None, seed: int = 0, exclude=(), buffers: bool = False,
                     backend: str = "auto") -> dict:
     """DARE over a whole state dict: each floating tensor merged with `dare(..., key=tensor_key(name))`.
 
+    `finetuned` and `base` are mappings name -> tensor or modules (see `_state_args`: of modules
+    only parameters are merged, plus floating buffers with `buffers=True`).
     `q`: None, a float, or a mapping name -> float or per-row tensor (names missing from it use
     1 - p). Names matching any `exclude` regex (re.search) and non-floating tensors are returned as
     the finetuned value. All tensors with a scalar q go in one launch per device (CUDA kernel; the
     Triton backend takes one launch per dtype), their keys and q in the launch table; tensors with
     a per-row q take one launch each.
     """
-    if not isinstance(finetuned, Mapping) or not isinstance(base, Mapping):
-        raise TypeError("finetuned and base must be mappings name -> tensor")
+    finetuned, base, merged = _state_args(finetuned, base, buffers)
     if set(finetuned) != set(base):
         missing = sorted(set(finetuned) ^ set(base))[:5]
         raise ValueError(f"finetuned and base must have the same keys; differing: {missing}")
@@ -286,7 +308,8 @@ def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed
             raise TypeError(f"finetuned[{name!r}] must be a Tensor, got {type(f).__name__}")
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"base[{name!r}] must be a Tensor, got {type(b).__name__}")
-        if not f.is_floating_point() or any(pt.search(name) for pt in pats):
+        if not f.is_floating_point() or (merged is not None and name not in merged) or any(
+                pt.search(name) for pt in pats):
             result[name] = f
             continue
         _pair(f, b, f"finetuned[{name!r}]", f"base[{name!r}]")

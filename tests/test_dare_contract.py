@@ -178,3 +178,28 @@ def test_compiled_per_row_q_is_still_checked(device, backend):
     with pytest.raises(ValueError, match="q"):
         fn(f, b, torch.tensor([1.0, float("nan"), 1.0, 1.0], device=device))
     assert_unchanged([f, b], before)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("buffers", [False, True])
+def test_dare_state_dict_of_modules_merges_parameters(device, backend, buffers):
+    """Modules stand for their state dicts; buffers (BatchNorm statistics) come from the finetuned
+    module unless `buffers=True` merges the floating ones."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7)).to(device)
+    fin = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7)).to(device)
+    with torch.no_grad():
+        fin[1].running_mean.normal_()
+        fin[1].num_batches_tracked.fill_(4)
+    got = ntkcl_fast.dare_state_dict(fin, base, 0.5, seed=3, buffers=buffers, backend=backend)
+    fin_sd, base_sd = fin.state_dict(), base.state_dict()
+    assert list(got) == list(fin_sd)
+    merged = {n for n, _ in fin.named_parameters()} | ({"1.running_mean", "1.running_var"} if buffers else set())
+    for name, value in got.items():
+        if name in merged:
+            want = ntkcl_fast.dare(fin_sd[name], base_sd[name], 0.5, seed=3, key=ntkcl_fast.tensor_key(name),
+                                   backend=backend)
+            assert torch.equal(value, want), name
+        else:
+            assert torch.equal(value, fin_sd[name]), name
+    assert torch.equal(got["1.num_batches_tracked"], torch.tensor(4, device=device))
