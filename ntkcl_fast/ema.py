@@ -137,10 +137,12 @@ class ModelEMA(torch.nn.Module):
     Every update is one fused `ema_update_` call per device.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, *, min_decay: float = 0.0,
+    # Positional arguments in timm ModelEmaV3's order; `foreach` is accepted for that drop-in and
+    # has no effect (every update is one fused call, whatever it says).
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, min_decay: float = 0.0,
                  update_after_step: int = 0, use_warmup: bool = False, warmup_gamma: float = 1.0,
-                 warmup_power: float = 2 / 3, device=None, dtype: torch.dtype | None = None,
-                 exclude_buffers: bool = False, backend: str = "auto"):
+                 warmup_power: float = 2 / 3, device=None, foreach: bool = True, exclude_buffers: bool = False,
+                 *, dtype: torch.dtype | None = None, backend: str = "auto"):
         super().__init__()
         _validate.unit_interval(decay, "decay")
         _validate.unit_interval(min_decay, "min_decay")

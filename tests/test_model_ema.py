@@ -168,3 +168,12 @@ def test_mismatched_model_raises():
 def test_backends_has_exactly_the_contract_keys():
     b = ntkcl_fast.backends()
     assert set(b) == {"torch", "cpu", "cuda", "triton"} and b["torch"] is True
+
+
+def test_timm_positional_order_and_foreach():
+    """ModelEmaV3(model, decay, min_decay, update_after_step, use_warmup, warmup_gamma, warmup_power,
+    device, foreach, exclude_buffers)."""
+    ema = ModelEMA(_net(), 0.99, 0.1, 3, True, 2.0, 0.5, "cpu", False, True)
+    assert (ema.decay, ema.min_decay, ema.update_after_step, ema.use_warmup) == (0.99, 0.1, 3, True)
+    assert (ema.warmup_gamma, ema.warmup_power, ema.device, ema.exclude_buffers) == (2.0, 0.5, "cpu", True)
+    assert ema.get_decay(10) == _timm_get_decay(10, 0.99, 0.1, 3, True, 2.0, 0.5)
