@@ -130,10 +130,25 @@ def ema_multi_avg_fn(decay: float = 0.999):
     return ema_update
 
 
+def _stochastic_round_(dst: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
+    """dst <- x (fp32) rounded to dst's dtype, up or down with probability by distance, so the
+    expected value is x: a slow average (1 - decay below half an ulp) still moves. NaN and Inf
+    stay as round-to-nearest gives them."""
+    nearest = x.to(dst.dtype)
+    near32 = nearest.float()
+    toward = torch.where(near32 > x, float("-inf"), float("inf")).to(dst.dtype)
+    other = torch.nextafter(nearest, toward)
+    p_other = (x - near32).abs() / (other.float() - near32).abs()
+    draw = torch.rand(x.shape, generator=generator, device=x.device)
+    dst.copy_(torch.where(draw < p_other, other, nearest))
+
+
 class ModelEMA(torch.nn.Module):
     """Exponential moving average of a model's weights; a drop-in for timm's `ModelEmaV3`.
 
-    Adds `dtype` (e.g. an fp32 average of a bf16 model) and NTK-CL's `task_mean_decay`.
+    Adds `dtype` (e.g. an fp32 average of a bf16 model) and NTK-CL's `task_mean_decay`. With
+    `stochastic_rounding`, fp16/bf16 averages are computed in fp32 and rounded stochastically
+    (seeded by `stochastic_rounding_seed`), as timm does, so a slow average does not stall.
     Every update is one fused `ema_update_` call per device.
     """
 
@@ -142,7 +157,8 @@ class ModelEMA(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999, min_decay: float = 0.0,
                  update_after_step: int = 0, use_warmup: bool = False, warmup_gamma: float = 1.0,
                  warmup_power: float = 2 / 3, device=None, foreach: bool = True, exclude_buffers: bool = False,
-                 *, dtype: torch.dtype | None = None, backend: str = "auto"):
+                 *, stochastic_rounding: bool = False, stochastic_rounding_seed: int | None = None,
+                 dtype: torch.dtype | None = None, backend: str = "auto"):
         super().__init__()
         _validate.unit_interval(decay, "decay")
         _validate.unit_interval(min_decay, "min_decay")
@@ -162,6 +178,9 @@ class ModelEMA(torch.nn.Module):
         self.device = device
         self.exclude_buffers = exclude_buffers
         self.backend = backend
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.stochastic_rounding_seed = stochastic_rounding_seed
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     @staticmethod
     def task_mean_decay(task_index: int) -> float:
@@ -209,10 +228,30 @@ class ModelEMA(torch.nn.Module):
             lists = by_device.setdefault(e.device, ([], []))
             lists[0].append(e)
             lists[1].append(s.to(e.device))
-        for ema_list, src_list in by_device.values():
-            ema_update_(ema_list, src_list, decay, backend=self.backend)
+        for device, (ema_list, src_list) in by_device.items():
+            low = [i for i, e in enumerate(ema_list) if e.dtype in (torch.float16, torch.bfloat16)]
+            if not self.stochastic_rounding or not low:
+                ema_update_(ema_list, src_list, decay, backend=self.backend)
+                continue
+            low_set = set(low)
+            rest = [i for i in range(len(ema_list)) if i not in low_set]
+            ema_update_([ema_list[i] for i in rest], [src_list[i] for i in rest], decay, backend=self.backend)
+            wide = [ema_list[i].float() for i in low]  # the fp32 average, then one stochastic rounding
+            ema_update_(wide, [src_list[i] for i in low], decay, backend=self.backend)
+            for i, w in zip(low, wide):
+                _stochastic_round_(ema_list[i], w, self._generator(device))
         for e, s in zip(ema_copy, src_copy):
             e.copy_(s.to(e.device))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            gen = torch.Generator(device)
+            if self.stochastic_rounding_seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self.stochastic_rounding_seed)
+            self._generators[device] = gen
+        return self._generators[device]
 
     @torch.no_grad()
     def set(self, model: torch.nn.Module) -> None:
