@@ -8,6 +8,7 @@ import torch
 
 from . import _backend, _validate
 from ._value_checks import checked_values
+from .random import as_i64, as_u64, philox_words
 from .reference import ema as reference
 
 
@@ -130,17 +131,32 @@ def ema_multi_avg_fn(decay: float = 0.999):
     return ema_update
 
 
-def _stochastic_round_(dst: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> None:
+# An op of its own: inductor keeps `x.to(bf16).float()` in fp32 inside a fused kernel (it does not
+# emulate precision casts by default), which would hide the rounding this function measures.
+@torch.library.custom_op("ntkcl_fast_reference::stochastic_round_", mutates_args=("dst",))
+def _stochastic_round_(dst: torch.Tensor, x: torch.Tensor, seed: int, key: int, step: torch.Tensor) -> None:
     """dst <- x (fp32) rounded to dst's dtype, up or down with probability by distance, so the
     expected value is x: a slow average (1 - decay below half an ulp) still moves. NaN and Inf
-    stay as round-to-nearest gives them."""
+    stay as round-to-nearest gives them.
+
+    The draws are the counter-based Philox of the DARE keep rule (key: the tensor's index, counter:
+    element group plus `step` << 32), not a torch.Generator: reproducible from the seed on every
+    device, and usable under torch.compile (the step is a tensor, so no recompile per update).
+    """
     nearest = x.to(dst.dtype)
     near32 = nearest.float()
     toward = torch.where(near32 > x, float("-inf"), float("inf")).to(dst.dtype)
     other = torch.nextafter(nearest, toward)
     p_other = (x - near32).abs() / (other.float() - near32).abs()
-    draw = torch.rand(x.shape, generator=generator, device=x.device)
+    n = x.numel()
+    counter = torch.arange((n + 3) // 4, dtype=torch.int64, device=x.device) + (step.to(x.device) << 32)
+    draw = philox_words(counter, key, seed).reshape(-1)[:n].reshape(x.shape).double() * 2.0 ** -32
     dst.copy_(torch.where(draw < p_other, other, nearest))
+
+
+@_stochastic_round_.register_fake
+def _stochastic_round_fake(dst, x, seed, key, step):
+    torch._check(dst.shape == x.shape, lambda: "dst and x must have the same shape")
 
 
 class ModelEMA(torch.nn.Module):
@@ -180,7 +196,12 @@ class ModelEMA(torch.nn.Module):
         self.backend = backend
         self.stochastic_rounding = bool(stochastic_rounding)
         self.stochastic_rounding_seed = stochastic_rounding_seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        if stochastic_rounding_seed is None and self.stochastic_rounding:
+            # from torch's generator, so torch.manual_seed repeats it (drawn only when asked for)
+            stochastic_rounding_seed = int(torch.randint(0, 2 ** 62, ()).item())
+        self._rounding_seed = as_u64(stochastic_rounding_seed or 0, "stochastic_rounding_seed")
+        # updates so far: the Philox counter of the rounding draws (not in state_dict, like timm)
+        self.register_buffer("_rounding_step", torch.zeros((), dtype=torch.int64), persistent=False)
 
     @staticmethod
     def task_mean_decay(task_index: int) -> float:
@@ -239,19 +260,11 @@ class ModelEMA(torch.nn.Module):
             wide = [ema_list[i].float() for i in low]  # the fp32 average, then one stochastic rounding
             ema_update_(wide, [src_list[i] for i in low], decay, backend=self.backend)
             for i, w in zip(low, wide):
-                _stochastic_round_(ema_list[i], w, self._generator(device))
+                _stochastic_round_(ema_list[i], w, as_i64(self._rounding_seed), i, self._rounding_step)
+        if self.stochastic_rounding:
+            self._rounding_step.add_(1)
         for e, s in zip(ema_copy, src_copy):
             e.copy_(s.to(e.device))
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            gen = torch.Generator(device)
-            if self.stochastic_rounding_seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(self.stochastic_rounding_seed)
-            self._generators[device] = gen
-        return self._generators[device]
 
     @torch.no_grad()
     def set(self, model: torch.nn.Module) -> None:

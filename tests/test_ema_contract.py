@@ -74,6 +74,27 @@ def test_model_ema_compiled_equals_eager(device, backend):
     _assert_same(_state(comp.module), _state(eager.module), backend)
 
 
+@pytest.mark.parametrize("device,backend", PAIRS)
+def test_model_ema_stochastic_rounding_compiled_equals_eager(device, backend):
+    net = _net().to(device, torch.bfloat16)
+    trained = _perturbed(net, 4)
+    kw = dict(stochastic_rounding=True, stochastic_rounding_seed=11, backend=backend)
+    eager, comp = ModelEMA(net, 0.999, **kw), ModelEMA(net, 0.999, **kw)
+    fn = compiled(lambda: comp.update(trained))
+    for _ in range(2):  # the second update draws from the next Philox counters
+        eager.update(trained)
+        fn()
+        _assert_same(_state(comp.module), _state(eager.module), "exact")
+
+
+def test_stochastic_round_op_passes_opcheck():
+    x = torch.randn(1023) * 3
+    step = torch.tensor(5, dtype=torch.int64)
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.library.opcheck(torch.ops.ntkcl_fast_reference.stochastic_round_.default,
+                              (torch.empty(1023, dtype=dtype), x, -7, 3, step))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 def test_ema_multi_avg_fn_compiled_equals_eager(device):
