@@ -128,7 +128,7 @@ def _out_arg(out, finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor |
                          f"{finetuned.device}")
     _writable(out, "out")
     if torch.compiler.is_compiling() or out.device.type == "meta":
-        return out  # no addresses to compare (see _validate.no_overlap); dynamo guards on input aliasing
+        return out  # traced and meta tensors have no addresses to compare (as in _validate.no_overlap)
     for name, t in (("finetuned", finetuned), ("base", base)):
         same = (out.data_ptr() == t.data_ptr() and out.stride() == t.stride())
         if not same:
