@@ -176,3 +176,29 @@ def test_ema(benchmark, lists, label, build):
         sync(DEVICE)
 
     benchmark(timed)
+
+
+def host_overhead_us(backend: str = "auto", decay=DECAY, repeats: int = 2000) -> float:
+    """Median per-call time of `ema_update_` on a list as long as ViT-B/16's (152 tensors) of one
+    element each: the kernels do next to nothing, so this is the host cost of one call (argument
+    checks, backend resolution, dispatch), the part that does not shrink with a faster device."""
+    import statistics
+    import time
+
+    ema = [torch.randn(1) for _ in VIT_B]
+    src = [torch.randn(1) for _ in VIT_B]
+    for _ in range(20):
+        ntkcl_fast.ema_update_(ema, src, decay, backend=backend)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ntkcl_fast.ema_update_(ema, src, decay, backend=backend)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+if __name__ == "__main__":  # `python -m bench.bench_ema`: the host cost per call, in microseconds
+    for backend in ("cpu", "torch"):
+        if ntkcl_fast.backends()[backend]:
+            for label, d in (("float decay", DECAY), ("0-d tensor decay", torch.tensor(DECAY))):
+                print(f"ema_update_ ViT-B/16 list, {backend}, {label}: {host_overhead_us(backend, d):.1f} us/call")

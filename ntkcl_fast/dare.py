@@ -1,5 +1,5 @@
 """DARE / DAREx delta-parameter pruning: `dare_mask`, `dare`, `dare_delta_`, `dare_state_dict`,
-`magnitude_prune_`, and DAREx's q rescaling (`darex_q_search`, `darex_analytic_q`).
+`magnitude_prune_`; DAREx's q rescaling (`darex_q_search`, `darex_analytic_q`) lives in darex.py.
 
 The mask of every backend follows the keep rule of docs/API.md (Philox4x32-10 keyed by seed,
 tensor key and flat element index); it is recomputed, never stored, so it is the same on every
@@ -9,29 +9,61 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from . import _backend, _validate
-from .random import as_i64, as_u64, tensor_key, threshold
+from ._value_checks import checked_values
+from .darex import darex_analytic_q, darex_q_search  # re-exported: the package imports them from here
+from .random import M64, as_i64, as_u64, tensor_key, threshold
 from .reference import dare as reference
 
 __all__ = ["dare", "dare_delta_", "dare_mask", "dare_state_dict", "darex_analytic_q", "darex_q_search",
            "magnitude_prune_", "tensor_key"]
 
+
+# ------------------------------------------------------------------------------ op registrations
+
+def _dare_fake(out, finetuned, base, threshold, q, q_rows, seed, key):
+    torch._check(out.shape == finetuned.shape, lambda: "out and finetuned must have the same shape")
+    torch._check(base is None or base.shape == out.shape, lambda: "base and out must have the same shape")
+
+
+def _dare_multi_fake(out, finetuned, base, threshold, q, seed, keys):
+    torch._check(len(out) == len(finetuned) == len(base) == len(q) == len(keys),
+                 lambda: "out, finetuned, base, q and keys must have the same length")
+    for i, (o, f, b) in enumerate(zip(out, finetuned, base)):
+        torch._check(o.shape == f.shape == b.shape, lambda: f"out[{i}], finetuned[{i}] and base[{i}] differ in shape")
+
+
+def _magnitude_prune_fake(delta, k):
+    torch._check(0 <= k <= delta.numel(), lambda: "k must be in [0, numel]")
+
+
 if _backend._C is not None:
-    @torch.library.register_fake("ntkcl_fast::dare_")
-    def _dare_fake(out, finetuned, base, threshold, q, q_rows, seed, key):
-        return None
+    torch.library.register_fake("ntkcl_fast::dare_")(_dare_fake)
+    torch.library.register_fake("ntkcl_fast::dare_multi_")(_dare_multi_fake)
+    torch.library.register_fake("ntkcl_fast::magnitude_prune_")(_magnitude_prune_fake)
 
-    @torch.library.register_fake("ntkcl_fast::dare_multi_")
-    def _dare_multi_fake(out, finetuned, base, threshold, q, seed, keys):
-        return None
 
-    @torch.library.register_fake("ntkcl_fast::magnitude_prune_")
-    def _magnitude_prune_fake(delta, k):
-        return None
+# The Triton kernels as ops with the extension's schemas (seed and key are uint64 bits in int64).
+@torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::dare_", mutates_args=("out",))
+def _triton_dare_(out: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor | None, threshold: int,
+                  q: float, q_rows: torch.Tensor | None, seed: int, key: int) -> None:
+    from .triton.dare import dare_ as launch
+    launch(out, finetuned, base, threshold, q, q_rows, seed & M64, key & M64)
+
+
+@torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::dare_multi_", mutates_args=("out",))
+def _triton_dare_multi_(out: list[torch.Tensor], finetuned: list[torch.Tensor], base: list[torch.Tensor],
+                        threshold: int, q: list[float], seed: int, keys: list[int]) -> None:
+    from .triton.dare import dare_multi_ as launch
+    launch(out, finetuned, base, threshold, q, seed & M64, [k & M64 for k in keys])
+
+
+_triton_dare_.register_fake(_dare_fake)
+_triton_dare_multi_.register_fake(_dare_multi_fake)
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -70,16 +102,20 @@ def _q_arg(q, p: float, like: torch.Tensor, name: str = "q") -> tuple[float, tor
         if q.device != like.device:
             raise ValueError(f"{name} must be on {like.device}, got {q.device}")
         acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-        rows = q.detach().to(acc).contiguous()
-        if not bool(((rows > 0) & torch.isfinite(rows)).all()):
-            raise ValueError(f"{name} must be finite and > 0 in every row")
-        return 1.0, rows
+        return 1.0, checked_values(q.detach().to(acc).contiguous(), "positive", name)
     if isinstance(q, bool) or not isinstance(q, (int, float)):
         raise TypeError(f"{name} must be None, a float or a 1-D tensor, got {type(q).__name__}")
     q = float(q)
     if not (q > 0.0 and math.isfinite(q)):
         raise ValueError(f"{name} must be a finite float > 0, got {q}")
     return q, None
+
+
+def _writable(t: torch.Tensor, name: str) -> None:
+    """ValueError for a stride-0 (expanded) output: its elements share memory locations."""
+    if any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
+        raise ValueError(f"{name} has a stride-0 (expanded) dimension, shape {tuple(t.shape)} strides "
+                         f"{t.stride()}; in-place outputs need one memory location per element")
 
 
 def _out_arg(out, finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor | None:
@@ -90,6 +126,9 @@ def _out_arg(out, finetuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor |
         raise ValueError(f"out must match finetuned in shape, dtype and device: got {tuple(out.shape)} "
                          f"{out.dtype} {out.device}, want {tuple(finetuned.shape)} {finetuned.dtype} "
                          f"{finetuned.device}")
+    _writable(out, "out")
+    if torch.compiler.is_compiling() or out.device.type == "meta":
+        return out  # traced and meta tensors have no addresses to compare (as in _validate.no_overlap)
     for name, t in (("finetuned", finetuned), ("base", base)):
         same = (out.data_ptr() == t.data_ptr() and out.stride() == t.stride())
         if not same:
@@ -117,14 +156,9 @@ def _shape_arg(shape) -> tuple[int, ...]:
 
 def _kernel(name: str, work: torch.Tensor, fin: torch.Tensor, base: torch.Tensor | None, t: int, q: float,
             q_rows: torch.Tensor | None, seed: int, key: int) -> None:
-    """work <- merge of contiguous inputs (work may be fin or base)."""
-    if work.numel() == 0:
-        return
-    if name == "triton":
-        from .triton.dare import dare_ as triton_dare_
-        triton_dare_(work, fin, base, t, q, q_rows, seed, key)
-    else:
-        torch.ops.ntkcl_fast.dare_(work, fin, base, t, q, q_rows, as_i64(seed), as_i64(key))
+    """work <- merge of contiguous inputs (work may be fin or base), on a compiled or Triton backend."""
+    if work.numel():
+        _backend.kernel(name, "dare_")(work, fin, base, t, q, q_rows, as_i64(seed), as_i64(key))
 
 
 def _run_one(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch.Tensor | None, p: float,
@@ -189,6 +223,7 @@ def dare(finetuned, base, p: float, *, q=None, seed: int = 0, key: int = 0, out=
 def dare_delta_(delta, p: float, *, q=None, seed: int = 0, key: int = 0, backend: str = "auto") -> torch.Tensor:
     """In place `delta <- keep * delta / q` (same keep rule and q as `dare`); returns `delta`."""
     _floating(delta, "delta")
+    _writable(delta, "delta")
     p = _validate.unit_interval(p, "p")
     qv, q_rows = _q_arg(q, p, delta)
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
@@ -215,19 +250,41 @@ def _exclude_arg(exclude) -> list[re.Pattern]:
     return pats
 
 
+def _state_args(finetuned, base, buffers: bool) -> tuple[Mapping, Mapping, set | None]:
+    """(finetuned mapping, base mapping, names to merge or None for every floating tensor).
+
+    A module stands for its state dict; of a module only the parameters are merged (and the
+    floating buffers with `buffers=True`), its other buffers come from the finetuned side.
+    """
+    merged = None
+    maps = []
+    for arg, value in (("finetuned", finetuned), ("base", base)):
+        if isinstance(value, torch.nn.Module):
+            names = {n for n, _ in value.named_parameters()}
+            if buffers:
+                names |= {n for n, b in value.named_buffers() if b.is_floating_point()}
+            merged = names if merged is None else merged & names
+            value = {n: t.detach() for n, t in value.state_dict(keep_vars=True).items()}
+        elif not isinstance(value, Mapping):
+            raise TypeError(f"{arg} must be a mapping name -> tensor or a torch.nn.Module, got {type(value).__name__}")
+        maps.append(value)
+    return maps[0], maps[1], merged
+
+
 @torch.no_grad()
-def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed: int = 0, exclude=(),
+def dare_state_dict(finetuned, base, p: float, *, q=None, seed: int = 0, exclude=(), buffers: bool = False,
                     backend: str = "auto") -> dict:
     """DARE over a whole state dict: each floating tensor merged with `dare(..., key=tensor_key(name))`.
 
+    `finetuned` and `base` are mappings name -> tensor or modules (see `_state_args`: of modules
+    only parameters are merged, plus floating buffers with `buffers=True`).
     `q`: None, a float, or a mapping name -> float or per-row tensor (names missing from it use
     1 - p). Names matching any `exclude` regex (re.search) and non-floating tensors are returned as
     the finetuned value. All tensors with a scalar q go in one launch per device (CUDA kernel; the
     Triton backend takes one launch per dtype), their keys and q in the launch table; tensors with
     a per-row q take one launch each.
     """
-    if not isinstance(finetuned, Mapping) or not isinstance(base, Mapping):
-        raise TypeError("finetuned and base must be mappings name -> tensor")
+    finetuned, base, merged = _state_args(finetuned, base, buffers)
     if set(finetuned) != set(base):
         missing = sorted(set(finetuned) ^ set(base))[:5]
         raise ValueError(f"finetuned and base must have the same keys; differing: {missing}")
@@ -251,7 +308,8 @@ def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed
             raise TypeError(f"finetuned[{name!r}] must be a Tensor, got {type(f).__name__}")
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"base[{name!r}] must be a Tensor, got {type(b).__name__}")
-        if not f.is_floating_point() or any(pt.search(name) for pt in pats):
+        if not f.is_floating_point() or (merged is not None and name not in merged) or any(
+                pt.search(name) for pt in pats):
             result[name] = f
             continue
         _pair(f, b, f"finetuned[{name!r}]", f"base[{name!r}]")
@@ -261,7 +319,7 @@ def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed
         result[name] = None
     if plan:
         devices = {f.device for _, f, _, _, _ in plan}
-        names = {d: _backend.resolve(backend, d, "dare_multi_" if backend != "triton" else "dare_") for d in devices}
+        names = {d: _backend.resolve(backend, d, "dare_multi_") for d in devices}
         t = threshold(p)
         batched: dict[torch.device, list] = {}
         for name, f, b, qv, q_rows in plan:
@@ -274,13 +332,8 @@ def dare_state_dict(finetuned: Mapping, base: Mapping, p: float, *, q=None, seed
             fins = [f.contiguous() for _, f, _, _ in items]
             bases = [b.contiguous() for _, _, b, _ in items]
             outs = [torch.empty_like(f, memory_format=torch.contiguous_format) for f in fins]
-            qs = [qv for *_, qv in items]
-            if names[device] == "triton":
-                from .triton.dare import dare_multi_ as triton_dare_multi_
-                triton_dare_multi_(outs, fins, bases, t, qs, seed, [tensor_key(n) for n, *_ in items])
-            else:
-                torch.ops.ntkcl_fast.dare_multi_(outs, fins, bases, t, qs, as_i64(seed),
-                                                 [as_i64(tensor_key(n)) for n, *_ in items])
+            _backend.kernel(names[device], "dare_multi_")(outs, fins, bases, t, [qv for *_, qv in items],
+                                                         as_i64(seed), [as_i64(tensor_key(n)) for n, *_ in items])
             for (name, *_), o in zip(items, outs):
                 result[name] = o
     return {name: result[name] for name in finetuned}
@@ -291,6 +344,7 @@ def magnitude_prune_(delta, density: float, *, backend: str = "auto") -> torch.T
     """In place: keep exactly k = round(density * numel) entries of largest |delta| (ties to lower
     flat index), zero the rest; returns `delta`."""
     _floating(delta, "delta")
+    _writable(delta, "delta")
     density = _validate.unit_interval(density, "density")
     return prune_k_(delta, round(density * delta.numel()), backend=backend)
 
@@ -306,92 +360,7 @@ def prune_k_(delta: torch.Tensor, k: int, *, backend: str = "auto") -> torch.Ten
         keep = reference.magnitude_keep(delta, k).reshape(delta.shape)
         return delta.masked_fill_(~keep, 0)
     work = delta if delta.is_contiguous() else delta.contiguous()
-    torch.ops.ntkcl_fast.magnitude_prune_(work, k)
+    _backend.kernel(name, "magnitude_prune_")(work, k)
     if work is not delta:
         delta.copy_(work)
     return delta
-
-
-# ---------------------------------------------------------------------------------- DAREx rescaling
-
-def darex_q_search(evaluate: Callable[[float], float], *, p: float, coarse=None, fine_steps: int = 5,
-                   maximize: bool = True) -> tuple[float, float]:
-    """DAREx-q search: the q that scores best under the caller's `evaluate(q)`.
-
-    As DAREx's own search: a coarse grid first, then a finer pass of `fine_steps` points on each
-    side of the best coarse value, up to its grid neighbours. The default coarse grid is
-    `(1 - p) * m` for m = 0.5, 0.6, ..., 2.0 (DAREx finds the best q a little above 1 - p at high
-    p). `evaluate` should merge with a fixed `seed` (so the mask is the same for every candidate
-    and only q changes) and return a score (e.g. validation accuracy; `maximize=False` for a
-    loss). Each q is evaluated once. Returns (best q, its score).
-    """
-    p = _validate.unit_interval(p, "p")
-    if not callable(evaluate):
-        raise TypeError("evaluate must be callable q -> score")
-    if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or fine_steps < 0:
-        raise ValueError(f"fine_steps must be an int >= 0, got {fine_steps!r}")
-    base_q = max(1.0 - p, 1e-6)
-    if coarse is None:
-        coarse = [base_q * (0.5 + 0.1 * m) for m in range(16)]
-    grid = sorted({float(c) for c in coarse})
-    if not grid or any(not (c > 0 and math.isfinite(c)) for c in grid):
-        raise ValueError("coarse must be a non-empty sequence of finite floats > 0")
-    sign = 1.0 if maximize else -1.0
-    scores: dict[float, float] = {}
-
-    def score(qv: float) -> float:
-        if qv not in scores:
-            scores[qv] = float(evaluate(qv))
-        return scores[qv]
-
-    best = max(grid, key=lambda c: sign * score(c))
-    i = grid.index(best)
-    lo = grid[i - 1] if i > 0 else best / 2
-    hi = grid[i + 1] if i + 1 < len(grid) else best * 1.5
-    fine = [best + (lo - best) * s / (fine_steps + 1) for s in range(1, fine_steps + 1)]
-    fine += [best + (hi - best) * s / (fine_steps + 1) for s in range(1, fine_steps + 1)]
-    for c in fine:
-        if sign * score(c) > sign * score(best):
-            best = c
-    return best, scores[best]
-
-
-def darex_analytic_q(delta_weight: torch.Tensor, mean_input: torch.Tensor, p: float, *, eta: float = 1.0,
-                     gamma: float = 0.0) -> torch.Tensor:
-    """DAREx's analytical per-row q for a linear layer `y = W x` with delta `dW [out, in]`.
-
-    For row r, with the mean input activation `x_bar [in]` and the DARE mask m_i ~ Bernoulli(1 - p),
-    the change of the row's output caused by pruning and rescaling by 1/q is
-    `h_r = sum_i (1 - m_i / q) dW_ri x_bar_i`, with
-
-        E[h_r]   = (1 - (1 - p) / q) * mu_r,     mu_r = sum_i dW_ri x_bar_i
-        Var[h_r] = p (1 - p) / q^2 * s_r,        s_r  = sum_i (dW_ri x_bar_i)^2
-
-    q_r minimizes `E[h_r]^2 + eta * Var[h_r]` (the bias-variance balance of DAREx-q; eta = 1 is the
-    mean squared change), which in closed form is
-
-        q_r = (1 - p) * (1 + eta * p / (1 - p) * s_r / (mu_r^2 + gamma)).
-
-    `eta` >= 0 weighs the variance (eta = 0 gives plain DARE, q = 1 - p); `gamma` >= 0 damps rows
-    whose mean output change mu_r is near zero (with gamma = 0 a row with mu_r = 0 gets 1 - p).
-    q_r >= 1 - p always. Returns fp32 `q [out]`, to pass as `dare(..., q=q)`.
-    """
-    p = _validate.unit_interval(p, "p")
-    if p >= 1.0:
-        raise ValueError("p must be < 1 for an analytical q")
-    if not isinstance(delta_weight, torch.Tensor) or delta_weight.dim() != 2:
-        raise ValueError("delta_weight must be a 2-D tensor [out, in]")
-    if not isinstance(mean_input, torch.Tensor) or mean_input.shape != (delta_weight.shape[1],):
-        raise ValueError(f"mean_input must have shape ({delta_weight.shape[1]},), got "
-                         f"{tuple(getattr(mean_input, 'shape', ()))}")
-    for nm, v in (("eta", eta), ("gamma", gamma)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{nm} must be a finite float >= 0, got {v!r}")
-    w = delta_weight.detach().float()
-    x = mean_input.detach().float().to(w.device)
-    contrib = w * x
-    m = contrib.sum(1)
-    s = (contrib * contrib).sum(1)
-    keep = 1.0 - p
-    ratio = s / (m * m + gamma) if gamma > 0 else torch.where(m != 0, s / (m * m), torch.zeros_like(s))
-    return keep * (1.0 + eta * p / keep * ratio)

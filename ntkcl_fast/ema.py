@@ -7,12 +7,20 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend, _validate
+from ._value_checks import checked_values
+from .random import as_i64, as_u64, philox_words
 from .reference import ema as reference
 
+
+# One fake kernel for both ops of the same schema (the extension's and the Triton one).
+def _ema_update_fake(ema, src, decay, decay_tensor):
+    torch._check(len(ema) == len(src), lambda: "ema and src must have the same length")
+    for i, (e, s) in enumerate(zip(ema, src)):
+        torch._check(e.shape == s.shape, lambda: f"ema[{i}] and src[{i}] must have the same shape")
+
+
 if _backend._C is not None:
-    @torch.library.register_fake("ntkcl_fast::ema_update_")
-    def _ema_update_fake(ema, src, decay, decay_tensor):
-        return None
+    torch.library.register_fake("ntkcl_fast::ema_update_")(_ema_update_fake)
 
 
 @torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::ema_update_", mutates_args=("ema",))
@@ -22,8 +30,35 @@ def _triton_ema_update_(ema: list[torch.Tensor], src: list[torch.Tensor], decay:
     launch(ema, src, decay, decay_tensor)
 
 
-def _decay_args(decay, n: int, device: torch.device | None) -> tuple[list[float], torch.Tensor | None]:
-    """(per-pair floats, None) or ([], 0-d tensor)."""
+_triton_ema_update_.register_fake(_ema_update_fake)
+
+
+def _check_pairs(ema: list[torch.Tensor], src: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Every per-pair check, before anything is written: (floating pair indices, other pair indices)."""
+    _validate.same_shapes(ema, "ema", src, "src")
+    _validate.one_device([("ema", ema), ("src", src)])
+    floating, other = [], []
+    for i, (e, s) in enumerate(zip(ema, src)):
+        if e.is_complex() or s.is_complex():
+            raise TypeError(f"ema[{i}]/src[{i}] are complex, which EMA does not support")
+        if e.is_floating_point() != s.is_floating_point():
+            raise TypeError(f"ema[{i}] ({e.dtype}) and src[{i}] ({s.dtype}) must both be floating or both not")
+        if e.is_floating_point():
+            for arg, t in (("ema", e), ("src", s)):
+                if t.dtype not in _validate.FLOATING:
+                    raise TypeError(f"{arg}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
+            floating.append(i)
+        else:
+            other.append(i)
+    _validate.no_broadcast_outputs(ema, "ema")
+    _validate.no_overlap(ema, "ema", src, "src")
+    return floating, other
+
+
+def _decay_args(decay, n: int, device: torch.device | None,
+                kernel_checks: bool) -> tuple[list[float], torch.Tensor | None]:
+    """(per-pair floats, None) or ([], 0-d tensor). `kernel_checks`: the compiled op range-checks a
+    CPU decay tensor itself (a CUDA one is read on device and not checked: that would sync)."""
     if isinstance(decay, torch.Tensor):
         if decay.dim() != 0:
             raise ValueError(f"decay must be a 0-d tensor, got shape {tuple(decay.shape)}")
@@ -31,8 +66,8 @@ def _decay_args(decay, n: int, device: torch.device | None) -> tuple[list[float]
             raise TypeError(f"decay must be a floating tensor, got {decay.dtype}")
         if device is not None and decay.device != device:
             raise ValueError(f"decay must be on the tensors' device {device}, got {decay.device}")
-        if decay.device.type == "cpu":  # a CUDA decay is read on device: checking it would sync
-            _validate.unit_interval(decay.item(), "decay")
+        if decay.device.type == "cpu" and not kernel_checks:
+            return [], checked_values(decay.detach(), "unit", "decay")
         return [], decay.detach()
     if isinstance(decay, Sequence) and not isinstance(decay, (str, bytes)):
         if len(decay) != n:
@@ -58,35 +93,22 @@ def ema_update_(ema, src, decay, *, backend: str = "auto") -> None:
     Non-floating pairs (int/bool buffers) are copied. `decay` is a float, one float per pair, or
     a 0-d floating tensor on the tensors' device (read on device, so CUDA graphs can capture
     the call; a CUDA decay tensor is not range-checked, since that would need a host sync).
+    Every check runs before the first write.
     """
     ema = _validate.tensor_list(ema, "ema")
     src = _validate.tensor_list(src, "src")
     _validate.same_length(ema, "ema", src, "src")
-    name = _backend.resolve(backend, ema[0].device if ema else torch.device("cpu"), "ema_update_")
+    device = ema[0].device if ema else torch.device("cpu")
+    name = _backend.resolve(backend, device, "ema_update_")
     if name in ("cpu", "cuda") and all(t.is_contiguous() for t in ema) and all(t.is_contiguous() for t in src):
-        # The compiled op checks shapes, dtypes, devices and aliasing itself, before any write,
-        # naming argument and index: a Python loop over a model would cost more than the kernel.
-        decays, decay_t = _decay_args(decay, len(ema), ema[0].device if ema else None)
+        # The compiled op checks shapes, dtypes, devices, aliasing and the decay itself, before any
+        # write, naming argument and index: a Python loop over a model would cost more than the kernel.
+        decays, decay_t = _decay_args(decay, len(ema), device if ema else None, kernel_checks=True)
         if ema:  # an op with no tensor arguments has no device to dispatch on
-            torch.ops.ntkcl_fast.ema_update_(ema, src, decays if decay_t is None else [], decay_t)
+            torch.ops.ntkcl_fast.ema_update_(ema, src, decays, decay_t)
         return
-    _validate.same_shapes(ema, "ema", src, "src")
-    device = _validate.one_device([("ema", ema), ("src", src)])
-    floating, other = [], []
-    for i, (e, s) in enumerate(zip(ema, src)):
-        if e.is_floating_point() != s.is_floating_point():
-            raise TypeError(f"ema[{i}] ({e.dtype}) and src[{i}] ({s.dtype}) must both be floating or both not")
-        if e.is_floating_point():
-            for arg, t in (("ema", e), ("src", s)):
-                if t.dtype not in _validate.FLOATING:
-                    raise TypeError(f"{arg}[{i}] has unsupported dtype {t.dtype}; supported: fp16, bf16, fp32, fp64")
-            floating.append(i)
-        elif e.is_complex() or s.is_complex():
-            raise TypeError(f"ema[{i}]/src[{i}] are complex, which EMA does not support")
-        else:
-            other.append(i)
-    decays, decay_t = _decay_args(decay, len(ema), device)
-    _validate.no_overlap(ema, "ema", src, "src")
+    floating, other = _check_pairs(ema, src)
+    decays, decay_t = _decay_args(decay, len(ema), device if ema else None, kernel_checks=False)
     if floating:
         _run(name, [ema[i] for i in floating], [src[i] for i in floating],
              [decays[i] for i in floating] if decay_t is None else [], decay_t)
@@ -109,17 +131,50 @@ def ema_multi_avg_fn(decay: float = 0.999):
     return ema_update
 
 
+# An op of its own: inductor keeps `x.to(bf16).float()` in fp32 inside a fused kernel (it does not
+# emulate precision casts by default), which would hide the rounding this function measures.
+@torch.library.custom_op("ntkcl_fast_reference::stochastic_round_", mutates_args=("dst",))
+def _stochastic_round_(dst: torch.Tensor, x: torch.Tensor, seed: int, key: int, step: torch.Tensor) -> None:
+    """dst <- x (fp32) rounded to dst's dtype, up or down with probability by distance, so the
+    expected value is x: a slow average (1 - decay below half an ulp) still moves. NaN and Inf
+    stay as round-to-nearest gives them.
+
+    The draws are the counter-based Philox of the DARE keep rule (key: the tensor's index, counter:
+    element group plus `step` << 32), not a torch.Generator: reproducible from the seed on every
+    device, and usable under torch.compile (the step is a tensor, so no recompile per update).
+    """
+    nearest = x.to(dst.dtype)
+    near32 = nearest.float()
+    toward = torch.where(near32 > x, float("-inf"), float("inf")).to(dst.dtype)
+    other = torch.nextafter(nearest, toward)
+    p_other = (x - near32).abs() / (other.float() - near32).abs()
+    n = x.numel()
+    counter = torch.arange((n + 3) // 4, dtype=torch.int64, device=x.device) + (step.to(x.device) << 32)
+    draw = philox_words(counter, key, seed).reshape(-1)[:n].reshape(x.shape).double() * 2.0 ** -32
+    dst.copy_(torch.where(draw < p_other, other, nearest))
+
+
+@_stochastic_round_.register_fake
+def _stochastic_round_fake(dst, x, seed, key, step):
+    torch._check(dst.shape == x.shape, lambda: "dst and x must have the same shape")
+
+
 class ModelEMA(torch.nn.Module):
     """Exponential moving average of a model's weights; a drop-in for timm's `ModelEmaV3`.
 
-    Adds `dtype` (e.g. an fp32 average of a bf16 model) and NTK-CL's `task_mean_decay`.
+    Adds `dtype` (e.g. an fp32 average of a bf16 model) and NTK-CL's `task_mean_decay`. With
+    `stochastic_rounding`, fp16/bf16 averages are computed in fp32 and rounded stochastically
+    (seeded by `stochastic_rounding_seed`), as timm does, so a slow average does not stall.
     Every update is one fused `ema_update_` call per device.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, *, min_decay: float = 0.0,
+    # Positional arguments in timm ModelEmaV3's order; `foreach` is accepted for that drop-in and
+    # has no effect (every update is one fused call, whatever it says).
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999, min_decay: float = 0.0,
                  update_after_step: int = 0, use_warmup: bool = False, warmup_gamma: float = 1.0,
-                 warmup_power: float = 2 / 3, device=None, dtype: torch.dtype | None = None,
-                 exclude_buffers: bool = False, backend: str = "auto"):
+                 warmup_power: float = 2 / 3, device=None, foreach: bool = True, exclude_buffers: bool = False,
+                 *, stochastic_rounding: bool = False, stochastic_rounding_seed: int | None = None,
+                 dtype: torch.dtype | None = None, backend: str = "auto"):
         super().__init__()
         _validate.unit_interval(decay, "decay")
         _validate.unit_interval(min_decay, "min_decay")
@@ -139,6 +194,14 @@ class ModelEMA(torch.nn.Module):
         self.device = device
         self.exclude_buffers = exclude_buffers
         self.backend = backend
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.stochastic_rounding_seed = stochastic_rounding_seed
+        if stochastic_rounding_seed is None and self.stochastic_rounding:
+            # from torch's generator, so torch.manual_seed repeats it (drawn only when asked for)
+            stochastic_rounding_seed = int(torch.randint(0, 2 ** 62, ()).item())
+        self._rounding_seed = as_u64(stochastic_rounding_seed or 0, "stochastic_rounding_seed")
+        # updates so far: the Philox counter of the rounding draws (not in state_dict, like timm)
+        self.register_buffer("_rounding_step", torch.zeros((), dtype=torch.int64), persistent=False)
 
     @staticmethod
     def task_mean_decay(task_index: int) -> float:
@@ -186,8 +249,20 @@ class ModelEMA(torch.nn.Module):
             lists = by_device.setdefault(e.device, ([], []))
             lists[0].append(e)
             lists[1].append(s.to(e.device))
-        for ema_list, src_list in by_device.values():
-            ema_update_(ema_list, src_list, decay, backend=self.backend)
+        for device, (ema_list, src_list) in by_device.items():
+            low = [i for i, e in enumerate(ema_list) if e.dtype in (torch.float16, torch.bfloat16)]
+            if not self.stochastic_rounding or not low:
+                ema_update_(ema_list, src_list, decay, backend=self.backend)
+                continue
+            low_set = set(low)
+            rest = [i for i in range(len(ema_list)) if i not in low_set]
+            ema_update_([ema_list[i] for i in rest], [src_list[i] for i in rest], decay, backend=self.backend)
+            wide = [ema_list[i].float() for i in low]  # the fp32 average, then one stochastic rounding
+            ema_update_(wide, [src_list[i] for i in low], decay, backend=self.backend)
+            for i, w in zip(low, wide):
+                _stochastic_round_(ema_list[i], w, as_i64(self._rounding_seed), i, self._rounding_step)
+        if self.stochastic_rounding:
+            self._rounding_step.add_(1)
         for e, s in zip(ema_copy, src_copy):
             e.copy_(s.to(e.device))
 

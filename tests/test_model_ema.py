@@ -168,3 +168,65 @@ def test_mismatched_model_raises():
 def test_backends_has_exactly_the_contract_keys():
     b = ntkcl_fast.backends()
     assert set(b) == {"torch", "cpu", "cuda", "triton"} and b["torch"] is True
+
+
+def test_timm_positional_order_and_foreach():
+    """ModelEmaV3(model, decay, min_decay, update_after_step, use_warmup, warmup_gamma, warmup_power,
+    device, foreach, exclude_buffers)."""
+    ema = ModelEMA(_net(), 0.99, 0.1, 3, True, 2.0, 0.5, "cpu", False, True)
+    assert (ema.decay, ema.min_decay, ema.update_after_step, ema.use_warmup) == (0.99, 0.1, 3, True)
+    assert (ema.warmup_gamma, ema.warmup_power, ema.device, ema.exclude_buffers) == (2.0, 0.5, "cpu", True)
+    assert ema.get_decay(10) == _timm_get_decay(10, 0.99, 0.1, 3, True, 2.0, 0.5)
+
+
+def _bf16_pair(n=20000):
+    model = torch.nn.Linear(n, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        trained.weight.fill_(2.0)
+    return model, trained
+
+
+def test_stochastic_rounding_keeps_a_slow_average_moving():
+    """decay 0.999 from 1 toward 2: the fp32 average 1.001 is under half a bf16 ulp (2**-8) from 1,
+    so round-to-nearest stalls at 1; stochastic rounding is unbiased (mean 1.001 within 5 sigma)."""
+    model, trained = _bf16_pair()
+    plain = ModelEMA(model, 0.999)
+    plain.update(trained)
+    assert plain.module.weight.eq(1.0).all()
+    ema = ModelEMA(model, 0.999, stochastic_rounding=True, stochastic_rounding_seed=7)
+    ema.update(trained)
+    w = ema.module.weight.float()
+    up = 1.0 + 2.0 ** -7  # the next bf16 above 1
+    assert ((w == 1.0) | (w == up)).all()
+    p = (1.001 - 1.0) / (up - 1.0)
+    n = w.numel()
+    assert abs(int((w == up).sum()) - n * p) <= 5 * (n * p * (1 - p)) ** 0.5
+
+
+def test_stochastic_rounding_seed_reproduces_and_fp32_is_untouched():
+    model, trained = _bf16_pair(300)
+    runs = []
+    for _ in range(2):
+        ema = ModelEMA(model, 0.999, stochastic_rounding=True, stochastic_rounding_seed=3)
+        ema.update(trained)
+        runs.append(ema.module.weight.clone())
+    assert torch.equal(runs[0], runs[1])
+    fp32 = ModelEMA(model, 0.999, stochastic_rounding=True, dtype=torch.float32)
+    fp32.update(trained)
+    torch.testing.assert_close(fp32.module.weight, torch.full_like(fp32.module.weight, 1.001), rtol=0, atol=1e-7)
+
+
+def test_stochastic_rounding_propagates_nan_and_inf():
+    from ntkcl_fast.ema import _stochastic_round_
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, 70000.0])
+    for dtype in (torch.bfloat16, torch.float16):
+        out = torch.empty(5, dtype=dtype)
+        _stochastic_round_(out, x, 0, 0, torch.zeros((), dtype=torch.int64))
+        assert out[0].isnan() and out[1] == float("inf") and out[2] == -float("inf") and out[3] == 1.0
+        if dtype == torch.float16:  # beyond fp16's range: inf, as round-to-nearest gives
+            assert out[4] == float("inf")
+        else:  # one of the two bf16 neighbours
+            assert out[4].item() in (69632.0, 70144.0)

@@ -1,11 +1,12 @@
-"""DARE / DAREx in plain PyTorch (+ NumPy Philox): the executable spec and the test oracle.
+"""DARE / DAREx in plain PyTorch (Philox in torch integer ops): the executable spec and the test oracle.
 
 Keep rule (docs/API.md): flat element i of a tensor with key k under seed s is kept iff
 u(i) >= T(p), u from Philox4x32-10 (ntkcl_fast.random), T(p) = min(floor(p * 2**32), 2**32).
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 
 from ..random import philox_uint32, threshold
@@ -14,15 +15,13 @@ from ..random import philox_uint32, threshold
 def keep_mask(shape, p: float, seed: int, key: int, device=None) -> torch.Tensor:
     """BoolTensor of `shape`, True where the element is kept (seed and key already in [0, 2**64))."""
     shape = tuple(int(s) for s in shape)
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n = math.prod(shape)
     t = threshold(p)
     if t == 0:
-        keep = np.ones(n, dtype=bool)
-    elif t >= 1 << 32:
-        keep = np.zeros(n, dtype=bool)
-    else:
-        keep = philox_uint32(np.arange(n, dtype=np.uint64), key, seed) >= np.uint32(t)
-    return torch.from_numpy(keep).reshape(shape).to(device)
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if t >= 1 << 32:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    return (philox_uint32(n, key, seed, device) >= t).reshape(shape)
 
 
 def _scale_shape(q: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -54,17 +53,9 @@ def dare_delta(delta: torch.Tensor, p: float, q, seed: int, key: int) -> torch.T
 
 
 def magnitude_keep(delta: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat BoolTensor keeping exactly the k entries of largest |delta|; ties go to lower indices."""
+    """Flat BoolTensor keeping exactly the k entries of largest |delta|; ties go to lower indices
+    and NaN ranks above every number (a stable descending sort)."""
     flat = delta.detach().reshape(-1).abs()
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=delta.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=delta.device)
-    kth = torch.kthvalue(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, n - k + 1).values
-    kth = kth.to(flat.dtype)
-    greater = flat > kth
-    ties = flat == kth
-    room = k - int(greater.sum())
-    tie_rank = torch.cumsum(ties.to(torch.int64), 0)  # 1-based rank of each tie in index order
-    return greater | (ties & (tie_rank <= room))
+    order = torch.sort(flat, descending=True, stable=True).indices
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=delta.device)
+    return keep.index_fill_(0, order[:k], True)

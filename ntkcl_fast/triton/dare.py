@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ..random import M32
-from ._table import chunk_table, find_tensor
+from ._table import TL_DTYPE, chunk_table, find_tensor
 
 BLOCK = 1024  # elements per program (BLOCK // 4 Philox calls)
 
@@ -92,12 +92,10 @@ def _dare_multi_kernel(table, count, keys, qs, seed_lo, seed_hi, thresh, E: tl.c
     tl.store(out + offs, res.to(E), mask=mask)
 
 
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
-
-
 def dare_multi_(out: list[torch.Tensor], fin: list[torch.Tensor], base: list[torch.Tensor], threshold: int,
                 qs: list[float], seed: int, keys: list[int]) -> None:
-    """Contiguous, validated tensors of one device: one launch per dtype for the whole list."""
+    """Contiguous, validated tensors of one device: one launch per dtype for the whole list.
+    `seed` and `keys` are uint64 (the op in ntkcl_fast.dare converts the schema's int64 bits)."""
     groups: dict[torch.dtype, list[int]] = {}
     for i, o in enumerate(out):
         if o.numel():
@@ -111,13 +109,13 @@ def dare_multi_(out: list[torch.Tensor], fin: list[torch.Tensor], base: list[tor
         q_dev = torch.tensor([qs[i] for i in idx], dtype=acc).to(device)
         scalars = torch.tensor([seed & M32, seed >> 32, threshold], dtype=torch.int64).to(device)
         _dare_multi_kernel[(programs,)](table, len(idx), key_words, q_dev, scalars[0:], scalars[1:], scalars[2:],
-                                        E=_TL[dtype], ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                                        E=TL_DTYPE[dtype], ACC=tl.float64 if acc == torch.float64 else tl.float32,
                                         BLOCK=BLOCK, STEPS=steps)
 
 
 def dare_(out: torch.Tensor, fin: torch.Tensor, base: torch.Tensor | None, threshold: int, q: float,
           q_rows: torch.Tensor | None, seed: int, key: int) -> None:
-    """Contiguous, validated inputs (see ntkcl_fast.dare); `out` may be `fin` or `base`."""
+    """Contiguous, validated inputs (see ntkcl_fast.dare); `out` may be `fin` or `base`; `seed`, `key` uint64."""
     n = out.numel()
     if n == 0:
         return
