@@ -6,8 +6,11 @@ variant compiles. Run with TRITON_INTERPRET unset: `python scripts/compile_trito
 """
 import os
 import sys
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
+# the kernels of this checkout, not those of an installed copy of the package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
