@@ -20,13 +20,13 @@ def rand(gen, shape, device, dtype, scale=1.0):
     return (torch.randn(shape, generator=gen) * scale).to(device, dtype)
 
 
-def leaves(tensors):
+def leaf_copies(tensors):
     return [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in tensors]
 
 
 def grads_of(fn, tensors):
     """Value and gradients of fn(*tensors) by autograd, for the floating tensors."""
-    leaves = leaves(tensors)
+    leaves = leaf_copies(tensors)
     out = fn(*leaves)
     floating = [t for t in leaves if t.is_floating_point()]
     grads = torch.autograd.grad(out, floating, allow_unused=True) if out.requires_grad and torch.isfinite(out) else \
@@ -41,7 +41,7 @@ def check(fast, oracle, eager, tensors, *, backend, device, what=""):
     t64 = [t.double() if t.is_floating_point() else t for t in tensors]
     want_v, want_g = grads_of(oracle, t64)
     eager_v, eager_g = grads_of(eager, tensors)
-    leaves = leaves(tensors)
+    leaves = leaf_copies(tensors)
     out = fast(*leaves)
     want_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors if t.is_floating_point()) \
         else torch.float32

@@ -253,8 +253,9 @@ def _formulas(ops):
         old, new = tensors[:ctx.n], tensors[ctx.n:]
         need_old, need_new = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_old, d_new = ops.cross_orthogonality_backward(grad, d_products, old, new, any(need_old), any(need_new))
-        d_old = [_grad_if(g, w) for g, w in zip(d_old, need_old)] if any(need_old) else None
-        d_new = [_grad_if(g, w) for g, w in zip(d_new, need_new)] if any(need_new) else None
+        # a list input takes a list of gradients back, None for each tensor that needs none
+        d_old = [_grad_if(g, w) for g, w in zip(d_old, need_old)] if any(need_old) else [None] * ctx.n
+        d_new = [_grad_if(g, w) for g, w in zip(d_new, need_new)] if any(need_new) else [None] * ctx.n
         return d_old, d_new, None
 
     def nc_setup(ctx, inputs, output):
