@@ -34,8 +34,11 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
+# the kernels of this checkout, not of whichever copy of the package is installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -7,8 +7,8 @@ checked with `torch._check`) and, for the forward ops, one autograd formula that
 `<op>_backward` of its own namespace; so torch.compile traces every backend to one opaque call and
 opcheck holds for all of them.
 
-What a forward returns besides the value is what its backward needs, chosen per op (measurements
-in bench/NOTES.md, "orthogonality op contracts"):
+What a forward returns besides the value is what its backward needs, chosen per op (both
+choices timed by bench/bench_ortho_contracts.py):
 - feature_orthogonality: S [B, K] and both row norms; ntkcl_contrastive: S [N, N], the row norms
   and both log-sum-exps. Recomputing S in the backward costs a GEMM (fp64 on Triton) over D.
 - gram / cross orthogonality: the derivative of the value in each layer's product, one flat
