@@ -7,7 +7,7 @@ import torch
 
 from ntkcl_fast.reference import ortho_eager as eager
 
-from ._helpers import assert_within_budget, device_backends, interpreted_triton
+from ._helpers import assert_within_budget, assert_within_budget_of_sum, device_backends, interpreted_triton
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -35,8 +35,11 @@ def grads_of(fn, tensors):
     return out.detach(), grads
 
 
-def check(fast, oracle, eager, tensors, *, backend, device, what=""):
-    """Value and every gradient of `fast` within the error budget of the fp64 `oracle`."""
+def check(fast, oracle, eager, tensors, *, backend, device, value_terms=None, what=""):
+    """Value and every gradient of `fast` within the error budget of the fp64 `oracle`.
+
+    `value_terms`: for a value that is a signed sum, its terms in fp64; the value's floor is then
+    one ulp of their absolute sum (`assert_within_budget_of_sum`)."""
     extra = 1 if interpreted_triton(backend, device) else 0
     t64 = [t.double() if t.is_floating_point() else t for t in tensors]
     want_v, want_g = grads_of(oracle, t64)
@@ -48,6 +51,8 @@ def check(fast, oracle, eager, tensors, *, backend, device, what=""):
     assert out.dtype == want_dtype and out.dim() == 0 and out.requires_grad, (out.dtype, out.shape)
     if torch.isinf(want_v):
         assert torch.isinf(out) and out > 0, f"{what}: expected +inf, got {out}"
+    elif value_terms is not None:
+        assert_within_budget_of_sum(out.detach(), want_v, eager_v, value_terms, what=f"{what} value")
     else:
         assert_within_budget(out.detach(), want_v, eager_v, what=f"{what} value")
     out.backward()

@@ -166,7 +166,8 @@ def test_triton_rejects_fp64(device, backend):
 
 
 
-@pytest.mark.parametrize("device,backend", [p for p in pairs("feature_orthogonality") if p.values[1] in ("cpu", "cuda")])
+@pytest.mark.parametrize("device,backend",
+                         [p for p in pairs("feature_orthogonality") if p.values[1] in ("cpu", "cuda")])
 def test_fp64_compiled_backends(device, backend):
     """fp64 on the compiled ops: values and gradients equal the reference within assert_close's
     fp64 defaults, and gradcheck (numerical vs the closed-form backward) passes."""

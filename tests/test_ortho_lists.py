@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ntkcl_fast
 from ntkcl_fast.reference import ortho as reference
 
-from ._ortho_helpers import (DTYPES, cases, check, eager_contrastive, eager_cross, eager_feature_orthogonality,
-                             eager_gram, eager_projection_residual, pairs, rand)
+from ._ortho_helpers import DTYPES, cases, check, eager_cross, eager_gram, pairs, rand
 
 
 # ----------------------------------------------------------------------------- gram_orthogonality

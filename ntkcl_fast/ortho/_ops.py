@@ -122,7 +122,8 @@ def _fo_fake(features, prototypes, normalize, mean):
     torch._check(features.shape[1] == prototypes.shape[1], lambda: "features and prototypes must have the same columns")
     dtype = math_dtype(features.dtype, prototypes.dtype)
     b, k = features.shape[0], prototypes.shape[0]
-    return _empty(features, dtype), _empty(features, dtype, b, k), _empty(features, dtype, b), _empty(features, dtype, k)
+    value, s, f_norm, p_norm = (_empty(features, dtype, *shape) for shape in ((), (b, k), (b,), (k,)))
+    return value, s, f_norm, p_norm
 
 
 def _fo_bwd_fake(grad_output, s, f_norm, p_norm, features, prototypes, normalize, mean, features_grad,
