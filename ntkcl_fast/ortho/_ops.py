@@ -13,8 +13,8 @@ choices timed by bench/bench_ortho_contracts.py):
   and both log-sum-exps. Recomputing S in the backward costs a GEMM (fp64 on Triton) over D.
 - gram / cross orthogonality: the derivative of the value in each layer's product, one flat
   buffer (N_l x N_l or r_l x s_l per layer, a few KB); the backward is one GEMM per layer and side.
-- projection_residual: the value only; its products f U [B, R] are recomputed (cheaper than the
-  bookkeeping, see the note).
+- projection_residual: the value only; the backward recomputes f U [B, R] (one of its three to
+  five B x D x R products). Keeping it is the open alternative, not measured yet.
 Those extra outputs are marked non-differentiable. The backward ops are not differentiable again
 (their outputs are marked so too): double backward is not supported.
 """
