@@ -215,3 +215,29 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     script = Path(__file__).resolve().parent.parent / "scripts" / "compile_triton_ortho.py"
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def _compiled_ops():
+    if _backend.unavailable_reason("cpu", "cpu", "feature_orthogonality"):
+        pytest.skip("needs the compiled CPU backend")
+    return torch.ops.ntkcl_fast
+
+
+@pytest.mark.parametrize("call,match,exc", [
+    (lambda ops: ops.feature_orthogonality(torch.randn(3), torch.randn(2, 3), True, True), "features", ValueError),
+    (lambda ops: ops.feature_orthogonality(torch.randn(3, 4), torch.randn(2, 5), True, True), "prototypes",
+     ValueError),
+    (lambda ops: ops.projection_residual(torch.randn(3, 4), torch.randn(5, 2), True, False), "basis", ValueError),
+    (lambda ops: ops.gram_orthogonality([torch.randn(3, 4), torch.ones(2, 4, dtype=torch.int32)], True),
+     r"weights\[1\]", TypeError),
+    (lambda ops: ops.gram_orthogonality_backward(torch.tensor(1.0), torch.zeros(8), [torch.randn(3, 4)]),
+     "d_gram", ValueError),
+    (lambda ops: ops.cross_orthogonality([torch.randn(3, 4)], [torch.randn(2, 5)], True), r"old\[0\] and new\[0\]",
+     ValueError),
+    (lambda ops: ops.ntkcl_contrastive(torch.randn(3, 4), torch.zeros(4, dtype=torch.long), 0.1), "labels",
+     ValueError),
+])
+def test_compiled_ops_raise_value_and_type_errors(call, match, exc):
+    """The C++ ops check their own arguments too (they are callable without the public wrapper)."""
+    with pytest.raises(exc, match=match):
+        call(_compiled_ops())
