@@ -71,10 +71,16 @@ def assert_bumps_versions(fn, written) -> None:
         assert t._version > v, f"written tensor {i}: version counter not bumped"
 
 
-def compiled(fn):
-    """`fn` under torch.compile(fullgraph=True) with a fresh cache (a graph break fails the test)."""
+def compiled(fn, backend: str = "aot_eager"):
+    """`fn` under torch.compile(fullgraph=True) with a fresh cache (a graph break fails the test).
+
+    "aot_eager" runs everything the op contract rests on (dynamo's trace, the fake kernels,
+    functionalization of the in-place ops, AOT autograd with the registered backward) without
+    inductor's C++ code generation, which costs seconds per graph on a CPU; pass
+    backend="inductor" for the end-to-end check of a hot path.
+    """
     torch._dynamo.reset()
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
 
 def assert_within_budget_of_sum(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, terms64: torch.Tensor, *,

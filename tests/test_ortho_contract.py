@@ -136,19 +136,11 @@ def _value_and_grads(fn, tensors):
     return out.detach(), grads
 
 
-def _aot_compiled(fn):
-    """fullgraph torch.compile through AOTAutograd (fake kernels, autograd formulas) without inductor's
-    code generation, which would cost seconds per graph on a 2-core machine; `test_inductor` runs
-    the code generation once."""
-    torch._dynamo.reset()
-    return torch.compile(fn, fullgraph=True, dynamic=False, backend="aot_eager")
-
-
 @pytest.mark.parametrize("backend", _backends())
 def test_every_function_and_module_under_fullgraph_compile(backend):
     for name, fn, tensors in _calls(backend):
         want, want_grads = _value_and_grads(fn, tensors)
-        got, got_grads = _value_and_grads(_aot_compiled(fn), tensors)
+        got, got_grads = _value_and_grads(compiled(fn), tensors)  # aot_eager: trace, fakes, autograd
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name} value")
         for i, (g, w) in enumerate(zip(got_grads, want_grads)):
             assert (g is None) == (w is None), f"{name} grad {i}"
@@ -170,7 +162,7 @@ def test_inductor(backend):
         return fo(f, p) + nc(f) + pr(f) + gram(a, b)
 
     want, want_grads = _value_and_grads(loss, [f, p, *ws])
-    got, got_grads = _value_and_grads(compiled(loss), [f, p, *ws])
+    got, got_grads = _value_and_grads(compiled(loss, backend="inductor"), [f, p, *ws])
     # inductor may fuse the sum of the four terms differently from eager: a few ulps
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):

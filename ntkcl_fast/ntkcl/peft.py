@@ -97,9 +97,6 @@ class CosineLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.sigma * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
-    def forward_reweight(self, x: torch.Tensor, multipliers) -> torch.Tensor:
-        return reweighted_cosine(x, self.weight, multipliers, self.sigma)
-
 
 def reweighted_cosine(x: torch.Tensor, weight: torch.Tensor, multipliers, sigma=1.0) -> torch.Tensor:
     """``sigma * sum_s m_s * cos(x_s, w_s)`` over equal feature sections s (the official eval logits)."""
