@@ -8,7 +8,8 @@ Cases (forward + backward, gradients to every input that trains):
 - O-LoRA: `cross_orthogonality` over 12 or 24 layers x (q, v) of rank 8 LoRA A matrices,
   D 768 to 4096, against the concatenated old tasks' A matrices (rank 8 x 4 tasks).
 
-Baselines: eager autograd as the anchor projects write it (column `eager`), and the same code
+Baselines: eager autograd as the anchor projects write it (`ntkcl_fast.reference.ortho_eager`,
+column `eager`), and the same code
 under `torch.compile` (column `compile`). Row keys are the EMA rows' (op, list = the case,
 tensors and elements of the inputs, dtype, impl, baseline, ms, ms_min, reps) with `bytes` None:
 these ops are matrix products, not bandwidth bound. Extra keys: flops (of the matrix products,
@@ -23,42 +24,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # `python bench/bench_ortho.py`: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ntkcl_fast  # noqa: E402
 from bench import sync, time_ms  # noqa: E402
-
-
-# ---------------------------------------------------------------- eager code of the anchor projects
-def eager_feature_orthogonality(f, p):
-    return ((F.normalize(f, dim=1) @ F.normalize(p, dim=1).T) ** 2).mean()
-
-
-def eager_projection_residual(f, u):  # NTK-CL: signed sum of the residual
-    f = F.normalize(f, dim=1)
-    return (f - f @ u @ u.T).sum()
-
-
-def eager_gram(ws):  # CODA-Prompt ortho_penalty
-    return sum(((w @ w.T - torch.eye(w.shape[0], device=w.device, dtype=w.dtype)) ** 2).mean() for w in ws)
-
-
-def eager_cross(old, new):  # O-LoRA: sum of |A_old A_new^T|
-    return sum(torch.abs(a @ b.T).sum() for a, b in zip(old, new))
-
-
-def eager_contrastive(f, labels, t=0.1):
-    f = F.normalize(f, dim=1)
-    n = f.shape[0]
-    s = f @ f.T / t
-    eye = torch.eye(n, dtype=torch.bool, device=f.device)
-    pos = (labels[:, None] == labels[None, :]) & ~eye
-    ninf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
-    return -torch.logsumexp(torch.where(pos, s, ninf).reshape(-1), 0) + torch.logsumexp(torch.where(eye, ninf, s),
-                                                                                        1).mean()
+from ntkcl_fast.reference import ortho_eager as eager  # noqa: E402
 
 
 # ---------------------------------------------------------------- cases
@@ -72,27 +44,27 @@ def _cases(device: str, quick: bool):
     for d in dims:
         f, p = r(256, d), r(200, d)
         yield ("feature_orthogonality", f"NTK-CL B256 K200 D{d}", (f, p), 3 * 2 * 256 * 200 * d,
-               eager_feature_orthogonality, lambda f, p, b: ntkcl_fast.feature_orthogonality(f, p, backend=b))
+               eager.feature_orthogonality, lambda f, p, b: ntkcl_fast.feature_orthogonality(f, p, backend=b))
         # stored class means of old tasks: only the features train (one backward GEMM fewer)
         yield ("feature_orthogonality", f"B256 K200 D{d} frozen prototypes", (r(256, d), r(200, d, grad=False)),
                2 * 2 * 256 * 200 * d,
-               eager_feature_orthogonality, lambda f, p, b: ntkcl_fast.feature_orthogonality(f, p, backend=b))
+               eager.feature_orthogonality, lambda f, p, b: ntkcl_fast.feature_orthogonality(f, p, backend=b))
         u = ntkcl_fast.prototype_basis(torch.randn(200, d, generator=gen), 40).to(device)
         yield ("projection_residual", f"NTK-CL B256 D{d} rank40", (r(256, d), u), 2 * 2 * 256 * d * 40,
-               eager_projection_residual, lambda f, u, b: ntkcl_fast.projection_residual(f, u, backend=b))
+               eager.projection_residual, lambda f, u, b: ntkcl_fast.projection_residual(f, u, backend=b))
         labels = torch.randint(0, 20, (256,), generator=gen).to(device)
         yield ("ntkcl_contrastive", f"NTK-CL N256 D{d}", (r(256, d), labels), 3 * 2 * 256 * 256 * d,
-               eager_contrastive, lambda f, y, b: ntkcl_fast.ntkcl_contrastive(f, y, backend=b))
+               eager.ntkcl_contrastive, lambda f, y, b: ntkcl_fast.ntkcl_contrastive(f, y, backend=b))
     coda = [r(100, 768) for _ in range(10)] + [r(100, 8 * 768) for _ in range(5)]  # keys, attention, prompts
     yield ("gram_orthogonality", "CODA-P 5 layers K/A/P", (coda,),
            sum(3 * 2 * w.shape[0] ** 2 * w.shape[1] for w in coda),
-           eager_gram, lambda ws, b: ntkcl_fast.gram_orthogonality(ws, backend=b))
+           eager.gram_orthogonality, lambda ws, b: ntkcl_fast.gram_orthogonality(ws, backend=b))
     for layers, d in ([(12, 768)] if quick else [(12, 768), (24, 1024), (24, 4096)]):
         old = [r(32, d, grad=False) for _ in range(2 * layers)]  # 4 old tasks x rank 8, q and v
         new = [r(8, d) for _ in range(2 * layers)]
         yield ("cross_orthogonality", f"O-LoRA {layers} layers q,v r8 D{d}", (old, new),
                2 * layers * 3 * 2 * 32 * 8 * d,
-               eager_cross, lambda o, n, b: ntkcl_fast.cross_orthogonality(o, n, backend=b))
+               eager.cross_orthogonality, lambda o, n, b: ntkcl_fast.cross_orthogonality(o, n, backend=b))
 
 
 def _leaves(args):

@@ -58,13 +58,14 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   // usually a frozen buffer).
   m.def("projection_residual_backward(Tensor grad_output, Tensor features, Tensor basis, bool normalize, "
         "bool sumsq, bool features_grad, bool basis_grad) -> (Tensor, Tensor)");
-  // gram_orthogonality returns (value, [W_l W_l^T - I]); the backward takes them back.
-  m.def("gram_orthogonality(Tensor[] weights, bool mean) -> (Tensor, Tensor[])");
-  m.def("gram_orthogonality_backward(Tensor grad_output, Tensor[] grams, Tensor[] weights, bool mean) -> Tensor[]");
-  // cross_orthogonality returns (value, [old_l new_l^T]); the backward takes the products back.
-  m.def("cross_orthogonality(Tensor[] old, Tensor[] new, bool l1) -> (Tensor, Tensor[])");
-  // old_grad / new_grad false: that side's list comes back empty.
-  m.def("cross_orthogonality_backward(Tensor grad_output, Tensor[] products, Tensor[] old, Tensor[] new, bool l1, "
+  // gram_orthogonality returns (value, d_gram): d value / d (W_l W_l^T) of every layer, flattened and
+  // concatenated in list order ([sum N_l^2], math dtype); the backward is one GEMM per layer.
+  m.def("gram_orthogonality(Tensor[] weights, bool mean) -> (Tensor, Tensor)");
+  m.def("gram_orthogonality_backward(Tensor grad_output, Tensor d_gram, Tensor[] weights) -> Tensor[]");
+  // cross_orthogonality returns (value, d_products): d value / d (old_l new_l^T), flattened and
+  // concatenated ([sum r_l s_l], math dtype). old_grad / new_grad false: that side's list comes back empty.
+  m.def("cross_orthogonality(Tensor[] old, Tensor[] new, bool l1) -> (Tensor, Tensor)");
+  m.def("cross_orthogonality_backward(Tensor grad_output, Tensor d_products, Tensor[] old, Tensor[] new, "
         "bool old_grad, bool new_grad) -> (Tensor[], Tensor[])");
   // ntkcl_contrastive returns (value, S = n n^T / t [N, N], max(||f_i||, eps) [N], lse over the
   // positive pairs [], row lse over j != i [N]); the backward takes them back.

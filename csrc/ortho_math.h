@@ -1,20 +1,25 @@
-// Orthogonality penalties and NTK-CL feature losses: forward value and closed-form backward,
-// shared by the CPU (cpu/ortho.cpp) and CUDA (cuda/ortho.cu) registrations.
+// Orthogonality penalties and NTK-CL feature losses: forward value and closed-form backward as
+// ATen compositions, registered once for CPU and CUDA tensors in cpu/ortho.cpp (they need no
+// device code of their own).
 //
 // The matrix products go to ATen (MKL/oneDNN on CPU, cuBLAS on CUDA); everything around them is
-// closed form: feature orthogonality, the contrastive term and cross orthogonality return the
-// small B x K / N x N / r x s products (and norms, log-sum-exps) from the forward for their
-// backward (gram orthogonality: W W^T - I); the projection residual recomputes its two. The
+// closed form: feature orthogonality and the contrastive term return the small B x K / N x N
+// products (and norms, log-sum-exps) from the forward for their backward; gram and cross
+// orthogonality return the derivative of the value in each layer's product (r x s, N x N), so
+// their backward is one GEMM per layer and side; the projection residual recomputes its two. The
 // projection residual never forms the B x D residual nor a D x D matrix (its value and gradient
 // use only f @ U [B, r] and U^T U [r, r]).
 // Math in fp32, fp64 when an input is fp64; gradients are rounded once to each input's dtype.
 // Row normalization is x / max(||x||, kEps), kEps = 1e-12 (torch.nn.functional.normalize).
+// No host syncs: every data-dependent case (no positive pair, clamped norms) is a device-side where.
+// Bad arguments raise ValueError / TypeError naming the argument (TORCH_CHECK_VALUE / _TYPE).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -37,9 +42,19 @@ inline at::ScalarType acc_type_of(at::TensorList a, at::TensorList b = {}) {
   return at::kFloat;
 }
 
-inline void check_matrix(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), " dims");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating, got ", t.scalar_type());
+inline void check_matrix(const at::Tensor& t, const std::string& name) {
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be floating, got ", t.scalar_type());
+}
+
+inline std::string indexed(const char* name, size_t i) { return c10::str(name, "[", i, "]"); }
+
+// Derivatives of one layer's value in its product, flattened and concatenated in list order (the
+// layout the backward reads, on every backend); offsets[l] is where layer l starts.
+inline std::vector<int64_t> flat_offsets(at::TensorList a, at::TensorList b) {
+  std::vector<int64_t> offsets{0};
+  for (size_t i = 0; i < a.size(); ++i) offsets.push_back(offsets.back() + a[i].size(0) * b[i].size(0));
+  return offsets;
 }
 
 // Row-normalized copy and max(||x||, eps) per row (both in the math dtype). Dividing (not
@@ -73,7 +88,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_orthog
     const at::Tensor& features, const at::Tensor& prototypes, bool normalize, bool mean) {
   check_matrix(features, "features");
   check_matrix(prototypes, "prototypes");
-  TORCH_CHECK(features.size(1) == prototypes.size(1), "features and prototypes must have the same columns");
+  TORCH_CHECK_VALUE(features.size(1) == prototypes.size(1), "features and prototypes must have the same number of "
+                    "columns, got ", features.sizes(), " and ", prototypes.sizes());
   const auto acc = acc_type({features.scalar_type(), prototypes.scalar_type()});
   const auto opts = features.options().dtype(acc);
   const int64_t b = features.size(0), k = prototypes.size(0);
@@ -111,8 +127,8 @@ inline std::tuple<at::Tensor, at::Tensor> feature_orthogonality_backward(
     if (prototypes_grad) dp = at::zeros_like(prototypes);
     return {df, dp};
   }
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == features.size(0) && s.size(1) == prototypes.size(0),
-              "s must have shape [B, K]");
+  TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == features.size(0) && s.size(1) == prototypes.size(0),
+                    "s must have shape [B, K] = [", features.size(0), ", ", prototypes.size(0), "], got ", s.sizes());
   const double c = 2.0 / (mean ? static_cast<double>(features.size(0) * prototypes.size(0)) : 1.0);
   at::Tensor go = grad_output.to(acc) * c;
   at::Tensor f = features.to(acc), p = prototypes.to(acc), sa = s.to(acc);
@@ -145,7 +161,8 @@ inline at::Tensor projection_residual(const at::Tensor& features, const at::Tens
                                       bool sumsq) {
   check_matrix(features, "features");
   check_matrix(basis, "basis");
-  TORCH_CHECK(basis.size(0) == features.size(1), "basis must have D rows");
+  TORCH_CHECK_VALUE(basis.size(0) == features.size(1), "basis must have D = ", features.size(1), " rows, got shape ",
+                    basis.sizes());
   const auto acc = acc_type({features.scalar_type(), basis.scalar_type()});
   if (features.numel() == 0) return zero_d(features, acc);
   at::Tensor f = features.to(acc), u = basis.to(acc);
@@ -203,91 +220,86 @@ inline std::tuple<at::Tensor, at::Tensor> projection_residual_backward(const at:
 }
 
 // ---------------------------------------------------------------- gram orthogonality
-// Forward: (value, [G_l = W_l W_l^T - I] in the math dtype), kept for the backward.
-inline std::tuple<at::Tensor, std::vector<at::Tensor>> gram_orthogonality(at::TensorList weights, bool mean) {
+// Forward: (value, dG) with dG the flat concatenation over layers of
+//   d value / d (W_l W_l^T) = 4 c_l (W_l W_l^T - I)   [N_l, N_l], c_l = 1 / N_l^2 ("mean") or 1,
+// in the math dtype; the backward is then dW_l = grad_output * dG_l W_l (one GEMM per layer).
+inline std::tuple<at::Tensor, at::Tensor> gram_orthogonality(at::TensorList weights, bool mean) {
+  TORCH_CHECK_VALUE(!weights.empty(), "weights must not be empty");
+  for (size_t i = 0; i < weights.size(); ++i) check_matrix(weights[i], indexed("weights", i));
   const auto acc = acc_type_of(weights);
-  TORCH_CHECK(!weights.empty(), "weights must not be empty");
-  std::vector<at::Tensor> grams, terms;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    check_matrix(weights[i], "weights[i]");
-    const int64_t n = weights[i].size(0);
-    if (n == 0) {
-      grams.push_back(at::zeros({0, 0}, weights[i].options().dtype(acc)));
-      continue;
-    }
-    at::Tensor w = weights[i].to(acc);
+  std::vector<at::Tensor> parts, terms;
+  for (const auto& wi : weights) {
+    const int64_t n = wi.size(0);
+    if (n == 0) continue;
+    at::Tensor w = wi.to(acc);
     at::Tensor g = at::mm(w, w.t());
     g.diagonal().sub_(1.0);
-    at::Tensor term = g.square().sum();
-    terms.push_back(mean ? term / static_cast<double>(g.numel()) : term);
-    grams.push_back(g);
+    const double c = mean ? 1.0 / static_cast<double>(n * n) : 1.0;
+    terms.push_back(g.square().sum() * c);
+    parts.push_back((g * (4.0 * c)).reshape({-1}));
   }
-  at::Tensor total = terms.empty() ? zero_d(weights[0], acc) : at::stack(terms).sum();
-  return {total, grams};
+  const auto opts = weights[0].options().dtype(acc);
+  at::Tensor total = terms.empty() ? at::zeros({}, opts) : at::stack(terms).sum();
+  return {total, parts.empty() ? at::zeros({0}, opts) : at::cat(parts)};
 }
 
-// d/dW sum((W W^T - I)^2) = 4 (W W^T - I) W, with W W^T - I from the forward.
-inline std::vector<at::Tensor> gram_orthogonality_backward(const at::Tensor& grad_output, at::TensorList grams,
-                                                           at::TensorList weights, bool mean) {
-  const auto acc = acc_type_of(weights);
-  TORCH_CHECK(grams.size() == weights.size(), "grams and weights must have the same length");
+inline std::vector<at::Tensor> gram_orthogonality_backward(const at::Tensor& grad_output, const at::Tensor& d_gram,
+                                                           at::TensorList weights) {
+  const auto offsets = flat_offsets(weights, weights);
+  TORCH_CHECK_VALUE(d_gram.dim() == 1 && d_gram.size(0) == offsets.back(), "d_gram must have sum N_l^2 = ",
+                    offsets.back(), " elements, got shape ", d_gram.sizes());
+  const auto acc = d_gram.scalar_type();
   at::Tensor go = grad_output.to(acc);
   std::vector<at::Tensor> out;
   for (size_t i = 0; i < weights.size(); ++i) {
-    const auto& wi = weights[i];
-    const int64_t n = wi.size(0);
-    if (n == 0) {
-      out.push_back(at::zeros_like(wi));
-      continue;
-    }
-    TORCH_CHECK(grams[i].dim() == 2 && grams[i].size(0) == n && grams[i].size(1) == n, "grams[i] must be [N, N]");
-    const double c = 4.0 / (mean ? static_cast<double>(n * n) : 1.0);
-    out.push_back(at::mm(grams[i].to(acc) * (go * c), wi.to(acc)).to(wi.scalar_type()));
+    const int64_t n = weights[i].size(0);
+    at::Tensor m = d_gram.narrow(0, offsets[i], n * n).view({n, n});
+    out.push_back(at::mm(m * go, weights[i].to(acc)).to(weights[i].scalar_type()));
   }
   return out;
 }
 
 // ---------------------------------------------------------------- cross orthogonality
-// Forward: (value, [P_l = old_l new_l^T] in the math dtype), the products kept for the backward.
-inline std::tuple<at::Tensor, std::vector<at::Tensor>> cross_orthogonality(at::TensorList old_w, at::TensorList new_w,
-                                                                           bool l1) {
-  TORCH_CHECK(old_w.size() == new_w.size() && !old_w.empty(), "old and new must have the same, non-zero length");
-  const auto acc = acc_type_of(old_w, new_w);
-  std::vector<at::Tensor> products, terms;
+// Forward: (value, dP) with dP the flat concatenation over layers of
+//   d value / d (old_l new_l^T) = sign(P_l) ("l1"; sign(0) = 0, as autograd's abs) or 2 P_l ("fro2")
+// [r_l, s_l] in the math dtype; the backward is then d old_l = g dP_l new_l, d new_l = g dP_l^T old_l.
+inline std::tuple<at::Tensor, at::Tensor> cross_orthogonality(at::TensorList old_w, at::TensorList new_w, bool l1) {
+  TORCH_CHECK_VALUE(!old_w.empty(), "old must not be empty");
+  TORCH_CHECK_VALUE(old_w.size() == new_w.size(), "old and new must have the same length, got ", old_w.size(),
+                    " and ", new_w.size());
   for (size_t i = 0; i < old_w.size(); ++i) {
-    check_matrix(old_w[i], "old[i]");
-    check_matrix(new_w[i], "new[i]");
-    TORCH_CHECK(old_w[i].size(1) == new_w[i].size(1), "old[i] and new[i] must have the same columns");
-    if (old_w[i].numel() == 0 || new_w[i].numel() == 0) {
-      products.push_back(at::zeros({old_w[i].size(0), new_w[i].size(0)}, old_w[i].options().dtype(acc)));
-      continue;
-    }
-    at::Tensor p = at::mm(old_w[i].to(acc), new_w[i].to(acc).t());
-    terms.push_back(l1 ? p.abs().sum() : p.square().sum());
-    products.push_back(p);
+    check_matrix(old_w[i], indexed("old", i));
+    check_matrix(new_w[i], indexed("new", i));
+    TORCH_CHECK_VALUE(old_w[i].size(1) == new_w[i].size(1), "old[", i, "] and new[", i,
+                      "] must have the same number of columns, got ", old_w[i].sizes(), " and ", new_w[i].sizes());
   }
-  at::Tensor total = terms.empty() ? zero_d(old_w[0], acc) : at::stack(terms).sum();
-  return {total, products};
+  const auto acc = acc_type_of(old_w, new_w);
+  std::vector<at::Tensor> parts, terms;
+  for (size_t i = 0; i < old_w.size(); ++i) {
+    at::Tensor p = at::mm(old_w[i].to(acc), new_w[i].to(acc).t());
+    if (p.numel() == 0) continue;
+    terms.push_back(l1 ? p.abs().sum() : p.square().sum());
+    parts.push_back((l1 ? p.sign() : p * 2.0).reshape({-1}));
+  }
+  const auto opts = old_w[0].options().dtype(acc);
+  at::Tensor total = terms.empty() ? at::zeros({}, opts) : at::stack(terms).sum();
+  return {total, parts.empty() ? at::zeros({0}, opts) : at::cat(parts)};
 }
 
-// l1: dA = sign(P) B, dB = sign(P)^T A (sign(0) = 0, as autograd's abs); fro2: 2P in place of sign(P).
 // A side whose flag is false gets an empty list (no GEMM for frozen old tasks' matrices).
 inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cross_orthogonality_backward(
-    const at::Tensor& grad_output, at::TensorList products, at::TensorList old_w, at::TensorList new_w, bool l1,
+    const at::Tensor& grad_output, const at::Tensor& d_products, at::TensorList old_w, at::TensorList new_w,
     bool old_grad, bool new_grad) {
-  const auto acc = acc_type_of(old_w, new_w);
-  TORCH_CHECK(products.size() == old_w.size() && old_w.size() == new_w.size(),
-              "products, old and new must have the same length");
-  at::Tensor go = grad_output.to(acc) * (l1 ? 1.0 : 2.0);
+  TORCH_CHECK_VALUE(old_w.size() == new_w.size(), "old and new must have the same length");
+  const auto offsets = flat_offsets(old_w, new_w);
+  TORCH_CHECK_VALUE(d_products.dim() == 1 && d_products.size(0) == offsets.back(),
+                    "d_products must have sum r_l s_l = ", offsets.back(), " elements, got shape ", d_products.sizes());
+  const auto acc = d_products.scalar_type();
+  at::Tensor go = grad_output.to(acc);
   std::vector<at::Tensor> d_old, d_new;
   for (size_t i = 0; i < old_w.size(); ++i) {
-    if (old_w[i].numel() == 0 || new_w[i].numel() == 0) {
-      if (old_grad) d_old.push_back(at::zeros_like(old_w[i]));
-      if (new_grad) d_new.push_back(at::zeros_like(new_w[i]));
-      continue;
-    }
-    at::Tensor p = products[i].to(acc);
-    at::Tensor g = (l1 ? p.sign() : p) * go;
+    at::Tensor g = d_products.narrow(0, offsets[i], offsets[i + 1] - offsets[i])
+                       .view({old_w[i].size(0), new_w[i].size(0)}) * go;
     if (old_grad) d_old.push_back(at::mm(g, new_w[i].to(acc)).to(old_w[i].scalar_type()));
     if (new_grad) d_new.push_back(at::mm(g.t(), old_w[i].to(acc)).to(new_w[i].scalar_type()));
   }
@@ -296,34 +308,22 @@ inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cross_orthog
 
 // ---------------------------------------------------------------- NTK-CL contrastive
 // S = n n^T / t; value = -lse(S[pos]) + mean_i lse_{j != i}(S_ij); +inf when pos is empty.
-struct Contrastive {
-  Normalized f;
-  at::Tensor s, pos, off_diag, lse_pos, lse_row;
-  bool any_pos;
-};
+inline at::Tensor off_diagonal(int64_t n, const at::Tensor& like) {
+  return at::eye(n, like.options().dtype(at::kBool)).logical_not();
+}
 
-inline Contrastive contrastive_parts(const at::Tensor& features, const at::Tensor& labels, double temperature) {
-  const auto acc = acc_type({features.scalar_type()});
-  Contrastive c;
-  c.f = normalize_rows(features.to(acc));
-  const int64_t n = features.size(0);
-  c.s = at::mm(c.f.x, c.f.x.t()) / temperature;
-  c.off_diag = at::eye(n, labels.options().dtype(at::kBool)).logical_not();
-  c.pos = labels.unsqueeze(1).eq(labels.unsqueeze(0)).logical_and(c.off_diag);
-  c.any_pos = c.pos.any().item<bool>();
-  const double ninf = -std::numeric_limits<double>::infinity();
-  if (c.any_pos) c.lse_pos = at::logsumexp(c.s.masked_fill(c.pos.logical_not(), ninf).reshape({-1}), {0});
-  c.lse_row = at::logsumexp(c.s.masked_fill(c.off_diag.logical_not(), ninf), {1});
-  return c;
+inline at::Tensor positive_pairs(const at::Tensor& labels, const at::Tensor& off_diag) {
+  return labels.unsqueeze(1).eq(labels.unsqueeze(0)).logical_and(off_diag);
 }
 
 // Forward: (value, S [N, N], max(||f_i||, eps) [N], lse over pos [], row lse over j != i [N]),
-// the last four in the math dtype and kept for the backward (lse over pos is -inf, and the value
-// +inf, when no two rows share a label).
+// the last four in the math dtype and kept for the backward. Without a positive pair lse over
+// pos is -inf and the value +inf (a where on device, so no host sync decides it).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ntkcl_contrastive(
     const at::Tensor& features, const at::Tensor& labels, double temperature) {
   check_matrix(features, "features");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0), "labels must have shape [N]");
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == features.size(0), "labels must have shape [N = ",
+                    features.size(0), "], got ", labels.sizes());
   const auto acc = acc_type({features.scalar_type()});
   const auto opts = features.options().dtype(acc);
   const double inf = std::numeric_limits<double>::infinity();
@@ -331,32 +331,40 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nt
   if (n == 0)
     return {at::full({}, inf, opts), at::zeros({0, 0}, opts), at::ones({0}, opts), at::full({}, -inf, opts),
             at::zeros({0}, opts)};
-  Contrastive c = contrastive_parts(features, labels, temperature);
-  at::Tensor norm = c.f.norm.reshape({n});
-  if (!c.any_pos) return {at::full({}, inf, opts), c.s, norm, at::full({}, -inf, opts), c.lse_row};
-  return {-c.lse_pos + c.lse_row.mean(), c.s, norm, c.lse_pos, c.lse_row};
+  Normalized f = normalize_rows(features.to(acc));
+  at::Tensor s = at::mm(f.x, f.x.t()) / temperature;
+  at::Tensor off_diag = off_diagonal(n, labels);
+  at::Tensor pos = positive_pairs(labels, off_diag);
+  at::Tensor lse_pos = at::logsumexp(s.masked_fill(pos.logical_not(), -inf).reshape({-1}), {0});
+  at::Tensor lse_row = at::logsumexp(s.masked_fill(off_diag.logical_not(), -inf), {1});
+  // N = 1 has no pair at all: the row mean is -inf there, and the where keeps +inf instead of NaN
+  at::Tensor value = at::where(lse_pos.isneginf(), at::full({}, inf, opts), -lse_pos + lse_row.mean());
+  return {value, s, f.norm.reshape({n}), lse_pos, lse_row};
 }
 
 // dL/dS = -softmax over pos + (1/N) row softmax over j != i; with M = (dS + dS^T) / t and
 // n = f / |f|: dn = M n, <dn_i, n_i> = t rowsum(M o S)_i, so
 //   df = (M / (|f_i| |f_j|)) f - live_i * t rowsum(M o S)_i / |f_i|^2 * f_i
 // (one scaled copy of f and one addmm_ into it; S and the log-sum-exps come from the forward).
+// Without a positive pair the value is +inf and its gradient is defined as zero: dS is zeroed
+// on device (lse_pos = -inf marks it).
 inline at::Tensor ntkcl_contrastive_backward(const at::Tensor& grad_output, const at::Tensor& s,
                                              const at::Tensor& f_norm, const at::Tensor& lse_pos,
                                              const at::Tensor& lse_row, const at::Tensor& features,
                                              const at::Tensor& labels, double temperature) {
   const int64_t n = features.size(0);
   if (n == 0) return at::zeros_like(features);
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == n && s.size(1) == n, "s must have shape [N, N]");
+  TORCH_CHECK_VALUE(s.dim() == 2 && s.size(0) == n && s.size(1) == n, "s must have shape [N, N] = [", n, ", ", n,
+                    "], got ", s.sizes());
   const auto acc = acc_type({features.scalar_type()});
-  at::Tensor off_diag = at::eye(n, labels.options().dtype(at::kBool)).logical_not();
-  at::Tensor pos = labels.unsqueeze(1).eq(labels.unsqueeze(0)).logical_and(off_diag);
-  if (!pos.any().item<bool>()) return at::zeros_like(features);
-  at::Tensor sa = s.to(acc), f = features.to(acc);
+  at::Tensor off_diag = off_diagonal(n, labels);
+  at::Tensor pos = positive_pairs(labels, off_diag);
+  at::Tensor sa = s.to(acc), f = features.to(acc), lp = lse_pos.to(acc);
   at::Tensor zero = at::zeros({}, sa.options());
-  at::Tensor p_pos = at::where(pos, (sa - lse_pos.to(acc)).exp(), zero);
+  at::Tensor p_pos = at::where(pos, (sa - lp).exp(), zero);
   at::Tensor p_row = at::where(off_diag, (sa - lse_row.to(acc).unsqueeze(1)).exp(), zero);
-  at::Tensor ds = (p_row / static_cast<double>(n) - p_pos) * grad_output.to(acc);
+  at::Tensor go = at::where(lp.isneginf(), zero, grad_output.to(acc));
+  at::Tensor ds = (p_row / static_cast<double>(n) - p_pos) * go;
   at::Tensor m = (ds + ds.t()) / temperature;
   at::Tensor inv = f_norm.to(acc).reciprocal();
   at::Tensor coef = at::where(f_norm.gt(kEps), (m * sa).sum(1) * inv.square(), zero) * (-temperature);
@@ -364,7 +372,7 @@ inline at::Tensor ntkcl_contrastive_backward(const at::Tensor& grad_output, cons
   return (f * coef.unsqueeze(1)).addmm_(w, f).to(features.scalar_type());
 }
 
-// The same ATen-based math serves both devices; cpu/ortho.cpp and cuda/ortho.cu register it.
+// ATen compositions: the same kernels serve CPU and CUDA tensors (cpu/ortho.cpp registers both).
 inline void register_impls(torch::Library& m) {
   m.impl("feature_orthogonality", &feature_orthogonality);
   m.impl("feature_orthogonality_backward", &feature_orthogonality_backward);

@@ -34,8 +34,11 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
+# the kernels of this checkout, not of whichever copy of the package is installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -108,7 +111,7 @@ def _flags(**flags) -> str:
 
 
 def ortho_variants():
-    """feature_orthogonality: forward, grad-S, and the df / dp panels (both stride orders)."""
+    """feature_orthogonality: forward (value, S, norms) and the df / dp panels (both stride orders)."""
     common = {"EPS": to.EPS, "BM": to.BM, "BN": to.BN, "BK": to.BK}
     for dn, dt in DTYPES.items():
         x = f"*{dn}"
@@ -116,21 +119,18 @@ def ortho_variants():
             tag = f"{dn} {_flags(NORMALIZE=norm)}"
             tiles = dict(common, NORMALIZE=norm, KT=triton.cdiv(D, to.BK))
             yield Variant("ortho", to._fo_fwd_kernel, tag,
-                          {"f_ptr": x, "p_ptr": x, "partials": "*fp32", "B": B, "K": K, "D": D}, tiles)
-            yield Variant("ortho", to._fo_grad_s_kernel, tag,
-                          {"f_ptr": x, "p_ptr": x, "g_ptr": "*fp32", "rowdot_f": "*fp32", "rowdot_p": "*fp32",
-                           "inv_f_ptr": "*fp32", "inv_p_ptr": "*fp32", "coef_ptr": "*fp32", "B": B, "K": K,
-                           "D": D}, tiles)
+                          {"f_ptr": x, "p_ptr": x, "partials": "*fp32", "s_ptr": "*fp32", "f_norm_ptr": "*fp32",
+                           "p_norm_ptr": "*fp32", "B": B, "K": K, "D": D}, tiles)
             panel = {"NORMALIZE": norm, "EPS": to.EPS, "BM": to.BM, "BD": to.BK, "BC": to.BN}
             grad_x = {"g_ptr": "*fp32", "y_ptr": x, "x_ptr": x, "out_ptr": x, "rowdot": "*fp32",
                       "inv_x_ptr": "*fp32", "inv_y_ptr": "*fp32", "D": D}
             # df: G [B, K] row-major, contracted over K; dp: G^T through swapped strides, over B
             yield Variant("ortho", to._fo_grad_x_kernel, f"{tag} df",
                           dict(grad_x, g_stride_r=K, g_stride_c=1, R=B, C=K),
-                          dict(panel, CT=triton.cdiv(K, to.BN), PARTS=triton.cdiv(K, to.BN)))
+                          dict(panel, CT=triton.cdiv(K, to.BN), PARTS=1))
             yield Variant("ortho", to._fo_grad_x_kernel, f"{tag} dp",
                           dict(grad_x, g_stride_r=1, g_stride_c=K, R=K, C=B),
-                          dict(panel, CT=triton.cdiv(B, to.BN), PARTS=triton.cdiv(B, to.BM)))
+                          dict(panel, CT=triton.cdiv(B, to.BN), PARTS=1))
 
 
 def projection_variants():
@@ -159,7 +159,7 @@ def projection_variants():
 
 
 def gram_variants():
-    """gram / cross tile kernels (forward and backward) and the gradient panels; lists of several
+    """gram / cross tile kernels (value and derivative buffer) and the gradient panels; lists of several
     layers (count > 1) and of one layer (count == 1 is a constant at launch)."""
     # gram: CODA-P's 5 layers, and one layer
     for count in (5, 1):
@@ -167,15 +167,11 @@ def gram_variants():
             if count == 1 and dn != "fp32":
                 continue
             steps = tg._steps(count)
-            for backward in (False, True):
-                for mean in (True, False):
-                    # forward: out = partials[first:] (any offset), go_ptr unused; backward: scratch, go
-                    out = "*fp32" if backward else Unaligned("*fp32")
-                    yield Variant("gram", tg._gram_tiles_kernel,
-                                  f"{dn} count={count} {_flags(MEAN=mean, BACKWARD=backward)}",
-                                  {"table": "*i64", "count": count, "out": out, "go_ptr": "*fp32"},
-                                  {"MEAN": mean, "BACKWARD": backward, "W": dt, "BT": tg.BT, "BK": tg.BK,
-                                   "STEPS": steps})
+            for mean in (True, False):
+                # partials[first:] may start at any offset
+                yield Variant("gram", tg._gram_tiles_kernel, f"{dn} count={count} {_flags(MEAN=mean)}",
+                              {"table": "*i64", "count": count, "partials": Unaligned("*fp32"), "d_gram": "*fp32"},
+                              {"MEAN": mean, "W": dt, "BT": tg.BT, "BK": tg.BK, "STEPS": steps})
             yield Variant("gram", tg._grad_panels_kernel, f"{dn}/{dn} count={count} MIXED=0",
                           {"table": "*i64", "count": count, "scratch": "*fp32"},
                           {"X": dt, "Y": dt, "MIXED": False, "BM": tg.BM, "BC": tg.BC, "BD": tg.BD, "STEPS": steps})
@@ -184,14 +180,10 @@ def gram_variants():
     count = 24
     for a_dn, b_dn in pairs:
         a_dt, b_dt = DTYPES[a_dn], DTYPES[b_dn]
-        for backward in (False, True):
-            for l1 in (True, False):
-                out = "*fp32" if backward else Unaligned("*fp32")
-                yield Variant("gram", tg._cross_tiles_kernel,
-                              f"{a_dn}/{b_dn} count={count} {_flags(L1=l1, BACKWARD=backward)}",
-                              {"table": "*i64", "count": count, "out": out, "go_ptr": "*fp32"},
-                              {"L1": l1, "BACKWARD": backward, "A": a_dt, "B": b_dt, "BT": tg.BT, "BK": tg.BK,
-                               "STEPS": tg._steps(count)})
+        for l1 in (True, False):
+            yield Variant("gram", tg._cross_tiles_kernel, f"{a_dn}/{b_dn} count={count} {_flags(L1=l1)}",
+                          {"table": "*i64", "count": count, "partials": Unaligned("*fp32"), "d_products": "*fp32"},
+                          {"L1": l1, "A": a_dt, "B": b_dt, "BT": tg.BT, "BK": tg.BK, "STEPS": tg._steps(count)})
         mixed = a_dn != b_dn
         for jobs in (2 * count, count):  # both sides need a gradient, or only the new one
             yield Variant("gram", tg._grad_panels_kernel, f"{a_dn}/{b_dn} count={jobs} MIXED={int(mixed)}",
@@ -199,10 +191,9 @@ def gram_variants():
                           {"X": a_dt, "Y": b_dt, "MIXED": mixed, "BM": tg.BM, "BC": tg.BC, "BD": tg.BD,
                            "STEPS": tg._steps(jobs)})
     # one-layer cross list, mixed (count == 1 at launch)
-    yield Variant("gram", tg._cross_tiles_kernel, "fp32/bf16 count=1 L1=1 BACKWARD=1",
-                  {"table": "*i64", "count": 1, "out": "*fp32", "go_ptr": "*fp32"},
-                  {"L1": True, "BACKWARD": True, "A": tl.float32, "B": tl.bfloat16, "BT": tg.BT, "BK": tg.BK,
-                   "STEPS": 1})
+    yield Variant("gram", tg._cross_tiles_kernel, "fp32/bf16 count=1 L1=1",
+                  {"table": "*i64", "count": 1, "partials": "*fp32", "d_products": "*fp32"},
+                  {"L1": True, "A": tl.float32, "B": tl.bfloat16, "BT": tg.BT, "BK": tg.BK, "STEPS": 1})
     yield Variant("gram", tg._grad_panels_kernel, "fp32/bf16 count=1 MIXED=1",
                   {"table": "*i64", "count": 1, "scratch": "*fp32"},
                   {"X": tl.float32, "Y": tl.bfloat16, "MIXED": True, "BM": tg.BM, "BC": tg.BC, "BD": tg.BD,
@@ -210,26 +201,22 @@ def gram_variants():
 
 
 def contrastive_variants():
-    """ntkcl_contrastive: fp64 norms, fp64 S tiles (fp64 tl.dot), fp64 1/t, the fixed-order finish
-    and the fp32 gradient panel (ortho's _fo_grad_x_kernel with G [N, N])."""
+    """ntkcl_contrastive: fp64 norms, fp64 S tiles (fp64 tl.dot, stored as fp32), fp64 1/t, the
+    fixed-order finish and the fp32 gradient panel (ortho's _fo_grad_x_kernel with G [N, N])."""
     dt_n, nt, ft = triton.cdiv(D, tc.BK), triton.cdiv(N, tc.BN), triton.cdiv(N, tc.FB)
     tiles = {"BM": tc.BM, "BN": tc.BN, "BK": tc.BK, "DT": dt_n, "NT": nt}
-    # the launchers widen fp16 / bf16 features to fp32 before the norm, statistics and dL/dS
-    # kernels (contrastive._fp32), so those compile for fp32 only; the gradient panel writes df in
-    # the features' dtype
+    # the launchers widen fp16 / bf16 features to fp32 before the norm and statistics kernels
+    # (contrastive._fp32), so those compile for fp32 only; the gradient panel writes df in the
+    # features' dtype
     f32 = "*fp32"
     yield Variant("contrastive", tc._nc_norm_kernel, "fp32",
-                  {"f_ptr": f32, "inv64_ptr": "*fp64", "inv32_ptr": "*fp32", "N": N, "D": D},
+                  {"f_ptr": f32, "inv64_ptr": "*fp64", "norm_ptr": "*fp32", "N": N, "D": D},
                   {"EPS": to.EPS, "BM": tc.BM, "BK": tc.BK, "DT": dt_n})
     for y in ("i64", "i32", "u8"):
         tag = f"fp32 labels={y}" + (" (bool)" if y == "u8" else "")
         yield Variant("contrastive", tc._nc_lse_kernel, tag,
-                      {"f_ptr": f32, "y_ptr": f"*{y}", "inv_ptr": "*fp64", "stats_ptr": "*fp64", "N": N, "D": D,
-                       "inv_t": "fp64"}, tiles)
-        yield Variant("contrastive", tc._nc_grad_s_kernel, tag,
-                      {"f_ptr": f32, "y_ptr": f"*{y}", "inv_ptr": "*fp64", "stats_ptr": "*fp64",
-                       "go_ptr": "*fp32", "g_ptr": "*fp32", "rowdot_ptr": "*fp32", "N": N, "D": D,
-                       "inv_t": "fp64"}, dict(tiles, FB=tc.FB, FT=ft))
+                      {"f_ptr": f32, "y_ptr": f"*{y}", "inv_ptr": "*fp64", "stats_ptr": "*fp64", "s_ptr": "*fp32",
+                       "N": N, "D": D, "inv_t": "fp64"}, tiles)
     for dn in DTYPES:
         yield Variant("contrastive", to._fo_grad_x_kernel, f"df {dn} NORMALIZE=1 G [N, N]",
                       {"g_ptr": "*fp32", "g_stride_r": N, "g_stride_c": 1, "y_ptr": f32, "x_ptr": f32,
@@ -238,7 +225,8 @@ def contrastive_variants():
                       {"NORMALIZE": True, "EPS": to.EPS, "BM": tc.BM, "BD": tc.BK, "BC": tc.BN,
                        "CT": triton.cdiv(N, tc.BN), "PARTS": 1})
     yield Variant("contrastive", tc._nc_finish_kernel, "fp64 stats",
-                  {"stats_ptr": "*fp64", "out_ptr": "*fp32", "N": N}, {"FB": tc.FB, "FT": ft})
+                  {"stats_ptr": "*fp64", "out_ptr": "*fp32", "lse_pos_ptr": Unaligned("*fp32"), "N": N},
+                  {"FB": tc.FB, "FT": ft})
 
 
 VARIANTS: list = []  # (arch, Variant), filled by main before the worker processes fork

@@ -81,3 +81,21 @@ def compiled(fn, backend: str = "aot_eager"):
     """
     torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+
+
+def assert_within_budget_of_sum(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor, terms64: torch.Tensor, *,
+                                what: str = "") -> None:
+    """`assert_within_budget` for a 0-d value that is a sum of terms which cancel (`terms64`: the terms
+    in fp64, or any tensor whose absolute sum is theirs).
+
+    The floor is one ulp at sum(|terms|) instead of at |value|: each term carries a rounding of
+    its own size, so u * sum(|terms|) is the first-order error bound of any evaluation in the output
+    dtype, and when the terms cancel it is far above an ulp of the value. Eager's error is one sample
+    below that bound, which rounding order (thread count, GEMM blocking) moves by several times.
+    """
+    ref64 = ref64.double().cpu()
+    err = (out.double().cpu() - ref64).abs().item()
+    eager_err = (eager.double().cpu() - ref64).abs().item()
+    ulp = torch.finfo(out.dtype).eps * max(1.0, terms64.double().abs().sum().item())
+    budget = 2 * eager_err + ulp
+    assert err <= budget, f"{what}: error {err:.3e} > budget {budget:.3e} (eager error {eager_err:.3e})"

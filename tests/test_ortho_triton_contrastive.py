@@ -10,7 +10,7 @@ import ntkcl_fast
 from ntkcl_fast.reference import ortho as reference
 
 from ._helpers import assert_within_budget, device_backends, interpreted_triton
-from .test_ortho import _eager_contrastive as _eager
+from ._ortho_helpers import eager_contrastive as _eager
 
 PAIRS = [p for p in device_backends("ntkcl_contrastive") if p.values[1] == "triton"]
 

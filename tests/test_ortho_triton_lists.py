@@ -68,7 +68,8 @@ def test_one_launch_per_stage_for_24_layers(device, backend, gram, monkeypatch):
     assert counts == {"_gram_tiles_kernel": 1, "table uploads": 1}
     counts.clear()
     out.backward()
-    assert counts == {"_gram_tiles_kernel": 1, "_grad_panels_kernel": 1, "table uploads": 1}
+    # the backward starts from the forward's derivative buffer: no product tiles again
+    assert counts == {"_grad_panels_kernel": 1, "table uploads": 1}
     assert all(w.grad is not None for w in ws)
 
     for frozen in (None, "old"):
@@ -79,7 +80,7 @@ def test_one_launch_per_stage_for_24_layers(device, backend, gram, monkeypatch):
         assert counts == {"_cross_tiles_kernel": 1, "table uploads": 1}
         counts.clear()
         out.backward()
-        assert counts == {"_cross_tiles_kernel": 1, "_grad_panels_kernel": 1, "table uploads": 1}
+        assert counts == {"_grad_panels_kernel": 1, "table uploads": 1}
         assert all(t.grad is not None for t in new)
         assert all((t.grad is not None) == (frozen is None) for t in old)
 
@@ -91,14 +92,14 @@ def test_one_launch_per_dtype_group(device, backend, gram, monkeypatch):
     dtypes = [torch.float32, torch.bfloat16] * 12
     ws = [_rand(gen, (4, 16), device, dt).requires_grad_() for dt in dtypes]
     ntkcl_fast.gram_orthogonality(ws, backend=backend).backward()
-    assert counts == {"_gram_tiles_kernel": 4, "_grad_panels_kernel": 2, "table uploads": 2}
+    assert counts == {"_gram_tiles_kernel": 2, "_grad_panels_kernel": 2, "table uploads": 2}
 
     # (old, new) dtype pairs: (fp32, fp16) and (bf16, fp16): two groups, each with mixed sides
     old = [_rand(gen, (4, 16), device, dt).requires_grad_() for dt in dtypes]
     new = [_rand(gen, (3, 16), device, torch.float16).requires_grad_() for _ in dtypes]
     counts.clear()
     ntkcl_fast.cross_orthogonality(old, new, backend=backend).backward()
-    assert counts == {"_cross_tiles_kernel": 4, "_grad_panels_kernel": 2, "table uploads": 2}
+    assert counts == {"_cross_tiles_kernel": 2, "_grad_panels_kernel": 2, "table uploads": 2}
 
 
 GRAM_EDGES = {

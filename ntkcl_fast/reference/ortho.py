@@ -95,9 +95,11 @@ def ntkcl_contrastive(features, labels, temperature: float = 0.1) -> torch.Tenso
     s = (f @ f.T) / temperature
     off_diag = ~torch.eye(n, dtype=torch.bool, device=f.device)
     positive = (labels[:, None] == labels[None, :]) & off_diag
-    if not bool(positive.any()):
-        return s.sum() * 0 + float("inf")  # keeps the graph: zero gradient
     neg_inf = torch.tensor(float("-inf"), dtype=acc, device=f.device)
     pos_term = -torch.logsumexp(torch.where(positive, s, neg_inf).reshape(-1), dim=0)
     row_term = torch.logsumexp(torch.where(off_diag, s, neg_inf), dim=1).mean()
-    return pos_term + row_term
+    # A where, not a Python branch on the data (which torch.compile cannot trace): without a
+    # positive pair the sum is +inf + finite (or -inf for N = 1, NaN) and is replaced by +inf; the
+    # gradient is zero, since the NaN the empty log-sum-exps give in their backward lands only on
+    # entries the masks drop.
+    return torch.where(positive.any(), pos_term + row_term, torch.tensor(float("inf"), dtype=acc, device=f.device))

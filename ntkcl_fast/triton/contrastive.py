@@ -7,64 +7,49 @@ With f_n = f / max(||f||, 1e-12) and S = f_n f_n^T / t, the value is
 
 +inf with a zero gradient when no two rows share a label (also N = 1). The value is fp32.
 
-Forward, three launches, nothing of size N x N anywhere:
-1. `_nc_norm_kernel`: each program owns BM rows, walks D and writes inv_i = 1 / max(||f_i||, 1e-12).
+Forward, three launches; the outputs are those of the ntkcl_fast op of this name: (value, S
+[N, N], max(||f_i||, eps) [N], LSE_pos [], lse_i [N]), fp32, kept by autograd for the backward.
+1. `_nc_norm_kernel`: each program owns BM rows, walks D and writes inv_i = 1 / max(||f_i||, 1e-12)
+   (fp64) and the clamped norm (fp32).
 2. `_nc_lse_kernel`: each program owns BM rows and walks the column blocks; per column block it
-   rebuilds the [BM, BN] tile of S with `tl.dot` over D (ieee) scaled by both inverse norms, and folds
-   it into two online (max-subtracted) log-sum-exps per row: over j != i (lse_i) and over the row's
-   positive pairs (lse_pos_i; none when the row has no partner). The program owns whole rows, so
-   these need no cross-program reduction and no atomics. Each log-sum-exp is written as the pair
-   (m_i, log s_i) with lse_i = m_i + log s_i: 4 numbers per row, a [4, N] buffer.
+   builds the [BM, BN] tile of S with `tl.dot` over D (ieee) scaled by both inverse norms, stores it
+   (fp32), and folds it into two online (max-subtracted) log-sum-exps per row: over j != i (lse_i)
+   and over the row's positive pairs (lse_pos_i; none when the row has no partner). The program
+   owns whole rows, so these need no cross-program reduction and no atomics. Each log-sum-exp is
+   written as the pair (m_i, log s_i) with lse_i = m_i + log s_i: 4 numbers per row, a [4, N] buffer.
 3. `_nc_finish_kernel`: one program reduces the per-row pairs in a fixed order (LSE over the rows'
    positive parts, mean of lse_i), so the value is bitwise the same on every run. The
    no-positive-pair case is decided there on the device (LSE_pos = -inf -> +inf); nothing is read
    back to the host.
 
-Backward, four launches, from the inputs only (the forward keeps nothing but f and y):
-1.-2. as the forward: a gradient tile needs lse_j of its columns, known only after a full pass over S;
-3. `_nc_grad_s_kernel`: each program owns BM rows, reduces the positive parts to LSE_pos itself (N
-   loads, the same fixed order in every program, so no extra launch), walks the column blocks
-   recomputing the S tiles, and writes
-       G_ij = g / t * (dS_ij + dS_ji)
-            = g / t * (-2 [pos_ij] e^(S_ij - LSE_pos) + [i != j] (e^(S_ij - lse_i) + e^(S_ij - lse_j)) / N)
-   (dS + dS^T because S is symmetric in f_n) to an N x N fp32 scratch, with the row dots
-   rowdot_i = <f_n_i, d f_n_i> = sum_j G_ij cos_ij, complete per program (no atomics). g is replaced
-   by 0 when LSE_pos = -inf, so that case gives an exactly zero gradient without a host sync;
-4. `ortho._fo_grad_x_kernel` (the feature_orthogonality one, reused): df = inv * (G f_n - f_n rowdot)
-   in [BM, BK] tiles, `tl.dot` over N in fp32; a row whose norm was clamped gets the plain
-   d f_n / 1e-12 (the clamp has zero slope), as autograd through F.normalize gives.
+Backward, from the forward's outputs: G_ij = g / t * (dS_ij + dS_ji) (dS + dS^T because S is
+symmetric in f_n) with dS = [i != j] e^(S_ij - lse_i) / N - [pos_ij] e^(S_ij - LSE_pos), and the row
+dots rowdot_i = <f_n_i, d f_n_i> = sum_j G_ij cos_ij, as elementwise torch ops on [N, N] (the math
+of csrc/ortho_math.h); g is replaced by 0 when LSE_pos = -inf, so that case gives an exactly zero
+gradient without a host sync. Then one launch of `ortho._fo_grad_x_kernel` (the
+feature_orthogonality one, reused): df = inv * (G f_n - f_n rowdot) in [BM, BK] tiles, `tl.dot`
+over N in fp32; a row whose norm was clamped gets the plain d f_n / 1e-12 (the clamp has zero
+slope), as autograd through F.normalize gives.
 
-Why the N x N scratch in the backward: d f_n_i = sum_j G_ij f_n_j contracts over j while S_ij
-contracts over D, so without G in memory a program must either hold a [BM, D] accumulator next to
-its S tile (48 KiB of registers per program at D = 768, 96 KiB at 1536, and D is not bounded) or
-split D and recompute S once per D block (24 recomputes at D = 768, BK = 32). The scratch lives only
-inside the backward launcher: N^2 * 4 bytes = 256 KiB at N = 256 (a third of the fp32 features),
-written once and read from L2, against 100 MFLOP for every S recompute it saves.
+Why S is kept from the forward instead of recomputed: G needs lse_j of its columns, known only
+after a full pass over S, so a backward from the inputs alone rebuilds S twice (statistics, then
+G), 2 x 2 N^2 D fp64 flops, against N^2 * 4 bytes kept between forward and backward (256 KiB at
+N = 256, a third of the fp32 features).
 
 Precision: the S tiles are accumulated in fp64 (`tl.dot` on operands widened exactly from fp16/bf16/
-fp32, fp64 inverse norms and 1/t), and the log-sum-exps and the final reductions run in fp64; G,
-rowdot and the gradient product are fp32. At t = 0.01, S = 100 cos, so rounding cos (or an inverse
-norm, or a length-D fp32 dot) to fp32 moves S by 1e-6 to 1e-5, more than the fp32 ulp of a value of
-size 10 to 40. With fp32 tiles the value was off by 3.1e-6 at N = 33, D = 64, t = 0.01 (the test
-budget, 2x eager fp32's error + 1 ulp, is 2.2e-6 there); on 300 random inputs of that shape fp32
-tiles (fp32 or fp64 accumulation across 16- or 32-wide chunks) exceeded that budget on 9 to 16% of
-them, an exact dot rounded to an fp32 S on 6%, fp64 tiles on none. Besides the dot, fp64 touches
-only O(N^2) elementwise work; the dot is the cost: on A100/H100/H200 fp64 runs at half to the full
-fp32 FMA rate (depending on whether Triton emits fp64 MMA), on consumer GPUs at 1/64 of it, where
-the dot then dominates the time of these kernels.
+fp32, fp64 inverse norms and 1/t), and the log-sum-exps and the final reductions run in fp64, so the
+value is rounded to fp32 once. At t = 0.01, S = 100 cos, so rounding cos (or an inverse norm, or a
+length-D fp32 dot) to fp32 moves S by 1e-6 to 1e-5, more than the fp32 ulp of a value of size 10 to
+40: with fp32 tiles the value was off by 3.1e-6 at N = 33, D = 64, t = 0.01 (the test budget, 2x
+eager fp32's error + 1 ulp, is 2.2e-6 there). The gradient is formed from the fp32 S, as eager and
+the compiled backends form it. On A100/H100/H200 fp64 runs at half to the full fp32 FMA rate
+(depending on whether Triton emits fp64 MMA), on consumer GPUs at 1/64 of it, where the dot then
+dominates the forward.
 
-Cost at N = 256, D = 768 (fp32 features 768 KiB, bf16 384 KiB; int64 labels 2 KiB):
-  minimum forward:  read f and y once, write 4 bytes (770 KiB fp32, 386 KiB bf16); S is
-                    symmetric, so N(N+1)/2 dots of length D = 50.5 MFLOP, plus 2 N^2 = 131 k exps.
-  minimum backward: read f and y, write df (1.50 MiB fp32, 0.75 MiB bf16); S once more (>= 50.5
-                    MFLOP: the forward keeps only its inputs) and G f_n (2 N^2 D = 100.7 MFLOP):
-                    >= 151 MFLOP.
-  these kernels:    forward 2 N^2 D = 100.7 MFLOP fp64 (each row block builds its full rows, so the
-                    symmetry is not used), DRAM ~ f once (the N/BM repeated tile reads, 32 N D
-                    elements in all, hit L2); backward 2 x 100.7 MFLOP fp64 (statistics, G) +
-                    100.7 MFLOP fp32 (G f_n) = 302 MFLOP, DRAM ~ f + df + 2 x 256 KiB of scratch.
-  At this size the kernels are latency-bound (N / BM = 16 programs, 3 + 4 launches), not bandwidth-
-  or flop-bound.
+Cost at N = 256, D = 768 (fp32 features 768 KiB, bf16 384 KiB; int64 labels 2 KiB): forward
+2 N^2 D = 100.7 MFLOP fp64 (each row block builds its full rows, so the symmetry is not used) and
+writes S (256 KiB); backward 100.7 MFLOP fp32 (G f_n) plus O(N^2) elementwise work. At this size
+the kernels are latency-bound (N / BM = 16 programs), not bandwidth- or flop-bound.
 
 Loop trip counts (D / BK, N / BN, N / FB) are compile-time constants, as in the other ortho kernels
 (the Triton interpreter the tests run cannot take a run-time loop bound): one compile per feature width and per
@@ -83,7 +68,7 @@ FB = 128  # rows per step of the fixed-order final reductions
 
 
 @triton.jit
-def _nc_norm_kernel(f_ptr, inv64_ptr, inv32_ptr, N, D, EPS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+def _nc_norm_kernel(f_ptr, inv64_ptr, norm_ptr, N, D, EPS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                     DT: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     ss = tl.zeros((BM,), dtype=tl.float64)
@@ -92,11 +77,11 @@ def _nc_norm_kernel(f_ptr, inv64_ptr, inv32_ptr, N, D, EPS: tl.constexpr, BM: tl
         f = tl.load(f_ptr + rows[:, None].to(tl.int64) * D + ks[None, :],
                     mask=(rows[:, None] < N) & (ks[None, :] < D), other=0.0).to(tl.float64)
         ss += tl.sum(f * f, axis=1)
-    # F.normalize clamps the norm, so a zero row stays zero (inv = 1e12 times 0). The fp64 copy scales
-    # the S tiles; the fp32 copy serves the fp32 gradient product (_fo_grad_x_kernel).
-    inv = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
-    tl.store(inv64_ptr + rows, inv, mask=rows < N)
-    tl.store(inv32_ptr + rows, inv.to(tl.float32), mask=rows < N)
+    # F.normalize clamps the norm, so a zero row stays zero (inv = 1e12 times 0). The fp64 inverse
+    # scales the S tiles; the fp32 norm is the op's output, for the backward.
+    norm = tl.maximum(tl.sqrt(ss), EPS)
+    tl.store(inv64_ptr + rows, 1.0 / norm, mask=rows < N)
+    tl.store(norm_ptr + rows, norm.to(tl.float32), mask=rows < N)
 
 
 @triton.jit
@@ -130,8 +115,8 @@ def _lse_step(m, s, x, mask):
 
 
 @triton.jit
-def _nc_lse_kernel(f_ptr, y_ptr, inv_ptr, stats_ptr, N, D, inv_t: tl.float64, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, DT: tl.constexpr, NT: tl.constexpr):
+def _nc_lse_kernel(f_ptr, y_ptr, inv_ptr, stats_ptr, s_ptr, N, D, inv_t: tl.float64, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, NT: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     y_r = tl.load(y_ptr + rows, mask=rows < N)
     m_row = tl.full((BM,), float("-inf"), tl.float64)
@@ -142,7 +127,9 @@ def _nc_lse_kernel(f_ptr, y_ptr, inv_ptr, stats_ptr, N, D, inv_t: tl.float64, BM
         cols = cb * BN + tl.arange(0, BN)
         s = _nc_cos_tile(f_ptr, inv_ptr, rows, cols, N, D, BM, BN, BK, DT) * inv_t
         y_c = tl.load(y_ptr + cols, mask=cols < N)
-        other = (rows[:, None] < N) & (cols[None, :] < N) & (rows[:, None] != cols[None, :])
+        valid = (rows[:, None] < N) & (cols[None, :] < N)
+        tl.store(s_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], s.to(tl.float32), mask=valid)
+        other = valid & (rows[:, None] != cols[None, :])
         pos = other & (y_r[:, None] == y_c[None, :])
         m_row, s_row = _lse_step(m_row, s_row, s, other)
         m_pos, s_pos = _lse_step(m_pos, s_pos, s, pos)
@@ -178,7 +165,7 @@ def _pos_total(stats_ptr, N, FB: tl.constexpr, FT: tl.constexpr):
 
 
 @triton.jit
-def _nc_finish_kernel(stats_ptr, out_ptr, N, FB: tl.constexpr, FT: tl.constexpr):
+def _nc_finish_kernel(stats_ptr, out_ptr, lse_pos_ptr, N, FB: tl.constexpr, FT: tl.constexpr):
     top, log_pos = _pos_total(stats_ptr, N, FB, FT)
     base = tl.where(top == float("-inf"), 0.0, top)
     # value = mean_i (m_i + log s_i) - (top + log_pos) = mean_i (m_i - top + log s_i) - log_pos: the
@@ -192,43 +179,7 @@ def _nc_finish_kernel(stats_ptr, out_ptr, N, FB: tl.constexpr, FT: tl.constexpr)
     value = (tl.sum(acc, axis=0) / N - log_pos).to(tl.float32)
     # no positive pair (N = 1 included, where the row mean is -inf too): +inf, not NaN
     tl.store(out_ptr, tl.where(top == float("-inf"), float("inf"), value))
-
-
-@triton.jit
-def _nc_grad_s_kernel(f_ptr, y_ptr, inv_ptr, stats_ptr, go_ptr, g_ptr, rowdot_ptr, N, D, inv_t: tl.float64,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, NT: tl.constexpr,
-                      FB: tl.constexpr, FT: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    top, log_pos = _pos_total(stats_ptr, N, FB, FT)
-    none = top == float("-inf")
-    # the value is +inf without positive pairs and its gradient is defined as zero: scale by 0 (every
-    # term below is finite, so 0 * term is an exact 0)
-    coef = tl.where(none, 0.0, tl.load(go_ptr).to(tl.float64) * inv_t)
-    top = tl.where(none, 0.0, top)
-    y_r = tl.load(y_ptr + rows, mask=rows < N)
-    m_r = tl.load(stats_ptr + rows, mask=rows < N, other=0.0)
-    ls_r = tl.load(stats_ptr + N + rows, mask=rows < N, other=0.0)
-    rowdot = tl.zeros((BM,), dtype=tl.float64)
-    for cb in range(0, NT):
-        cols = cb * BN + tl.arange(0, BN)
-        cos = _nc_cos_tile(f_ptr, inv_ptr, rows, cols, N, D, BM, BN, BK, DT)
-        s = cos * inv_t
-        y_c = tl.load(y_ptr + cols, mask=cols < N)
-        m_c = tl.load(stats_ptr + cols, mask=cols < N, other=0.0)
-        ls_c = tl.load(stats_ptr + N + cols, mask=cols < N, other=0.0)
-        valid = (rows[:, None] < N) & (cols[None, :] < N)
-        other = valid & (rows[:, None] != cols[None, :])
-        pos = other & (y_r[:, None] == y_c[None, :])
-        # exp(S_ij - lse_i) as exp((S_ij - m_i) - log s_i). `where`, not a product with the mask: off
-        # the mask m may be -inf (N = 1) and exp(.) = inf
-        w_row = tl.where(other, tl.exp((s - m_r[:, None]) - ls_r[:, None]) + tl.exp((s - m_c[None, :]) - ls_c[None, :]),
-                         0.0) / N
-        w_pos = tl.where(pos, tl.exp((s - top) - log_pos), 0.0)
-        # G in fp32 (what _fo_grad_x_kernel multiplies); the row dot is formed from the same rounded G
-        g = (coef * (w_row - 2.0 * w_pos)).to(tl.float32)
-        tl.store(g_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], g, mask=valid)
-        rowdot += tl.sum(g.to(tl.float64) * cos, axis=1)
-    tl.store(rowdot_ptr + rows, rowdot.to(tl.float32), mask=rows < N)
+    tl.store(lse_pos_ptr, (top + log_pos).to(tl.float32))
 
 
 def _labels(labels: torch.Tensor) -> torch.Tensor:
@@ -243,48 +194,43 @@ def _fp32(features):
     return features if features.dtype == torch.float32 else features.float()
 
 
-def _row_stats(features, labels, temperature: float):
-    """Launches 1 and 2 of forward and backward: inverse norms [N] (fp64 and fp32) and stats [4, N]
-    fp64, whose rows are (max, log-sum) of every row's log-sum-exp over j != i, then the same over
-    its positive pairs."""
-    N, D = features.shape
-    dev = features.device
-    inv64 = torch.empty(N, dtype=torch.float64, device=dev)
-    inv32 = torch.empty(N, dtype=torch.float32, device=dev)
-    stats = torch.empty(4, N, dtype=torch.float64, device=dev)
-    dt = triton.cdiv(D, BK)
-    _nc_norm_kernel[(triton.cdiv(N, BM),)](features, inv64, inv32, N, D, EPS=EPS, BM=BM, BK=BK, DT=dt)
-    _nc_lse_kernel[(triton.cdiv(N, BM),)](features, _labels(labels), inv64, stats, N, D, 1.0 / temperature,
-                                          BM=BM, BN=BN, BK=BK, DT=dt, NT=triton.cdiv(N, BN))
-    return inv64, inv32, stats
-
-
-def ntkcl_contrastive(features, labels, temperature: float) -> torch.Tensor:
+def ntkcl_contrastive(features, labels, temperature: float):
     """Contiguous features [N >= 1, D] (fp16/bf16/fp32) and labels [N] (integer or bool) on one device;
-    returns the 0-d fp32 value."""
-    _check(features)
-    N = features.shape[0]
-    _, _, stats = _row_stats(_fp32(features), labels, temperature)
-    out = torch.empty(1, dtype=torch.float32, device=features.device)
-    _nc_finish_kernel[(1,)](stats, out, N, FB=FB, FT=triton.cdiv(N, FB))
-    return out.reshape(())
-
-
-def ntkcl_contrastive_backward(grad_output, features, labels, temperature: float) -> torch.Tensor:
-    """d value / d features, in the features' dtype and shape; grad_output is a 0-d device tensor."""
+    returns (value, S, norms, LSE_pos, lse_i) in fp32 (see the module docstring)."""
     _check(features)
     N, D = features.shape
     dev = features.device
     work = _fp32(features)
-    inv64, inv32, stats = _row_stats(work, labels, temperature)
-    go = grad_output.to(torch.float32).reshape(1).contiguous()
-    g = torch.empty(N, N, dtype=torch.float32, device=dev)  # transient: freed when this call returns
-    rowdot = torch.empty(N, dtype=torch.float32, device=dev)
-    _nc_grad_s_kernel[(triton.cdiv(N, BM),)](work, _labels(labels), inv64, stats, go, g, rowdot, N, D,
-                                             1.0 / temperature, BM=BM, BN=BN, BK=BK, DT=triton.cdiv(D, BK),
-                                             NT=triton.cdiv(N, BN), FB=FB, FT=triton.cdiv(N, FB))
+    inv64 = torch.empty(N, dtype=torch.float64, device=dev)
+    norm = torch.empty(N, dtype=torch.float32, device=dev)
+    stats = torch.empty(4, N, dtype=torch.float64, device=dev)
+    s = torch.empty(N, N, dtype=torch.float32, device=dev)
+    dt = triton.cdiv(D, BK)
+    _nc_norm_kernel[(triton.cdiv(N, BM),)](work, inv64, norm, N, D, EPS=EPS, BM=BM, BK=BK, DT=dt)
+    _nc_lse_kernel[(triton.cdiv(N, BM),)](work, _labels(labels), inv64, stats, s, N, D, 1.0 / temperature,
+                                          BM=BM, BN=BN, BK=BK, DT=dt, NT=triton.cdiv(N, BN))
+    out = torch.empty(2, dtype=torch.float32, device=dev)
+    _nc_finish_kernel[(1,)](stats, out, out[1:], N, FB=FB, FT=triton.cdiv(N, FB))
+    return out[0].clone(), s, norm, out[1].clone(), (stats[0] + stats[1]).to(torch.float32)
+
+
+def ntkcl_contrastive_backward(grad_output, s, f_norm, lse_pos, lse_row, features, labels, temperature: float):
+    """d value / d features, in the features' dtype and shape; grad_output is a 0-d device tensor."""
+    _check(features)
+    N, D = features.shape
+    work = _fp32(features)
+    off = ~torch.eye(N, dtype=torch.bool, device=features.device)
+    pos = (labels[:, None] == labels[None, :]) & off
+    zero = s.new_zeros(())
+    p_row = torch.where(off, torch.exp(s - lse_row[:, None]), zero)
+    p_pos = torch.where(pos, torch.exp(s - lse_pos), zero)
+    go = torch.where(torch.isneginf(lse_pos), zero, grad_output.to(torch.float32))
+    ds = (p_row / N - p_pos) * go
+    g = ((ds + ds.T) / temperature).contiguous()
+    rowdot = (g * s).sum(1).mul_(temperature).reshape(1, N)  # sum_j G_ij cos_ij, cos = t S
+    inv = torch.where(f_norm > EPS, f_norm.reciprocal(), 1.0 / EPS)
     df = torch.empty_like(features)
     _fo_grad_x_kernel[(triton.cdiv(N, BM), triton.cdiv(D, BK))](
-        g, N, 1, work, work, df, rowdot, inv32, inv32, N, N, D,
+        g, N, 1, work, work, df, rowdot, inv, inv, N, N, D,
         NORMALIZE=True, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(N, BN), PARTS=1)
     return df

@@ -18,35 +18,37 @@ enough bytes in flight.
 
 Forward, one launch (per dtype group). Each program owns one [BT, BT] tile of one layer's
 product and walks D in steps of BK with `tl.dot` (fp32 accumulation, `input_precision="ieee"`),
-then squares (or takes |.| of) the tile and writes its sum to its own slot of a partials buffer.
-G is symmetric, so only the tiles on and below the diagonal are computed (T(T+1)/2 programs for
-T = cdiv(N, BT)) and the off-diagonal ones count twice. The slots are added by one torch sum of a
-fixed shape afterwards: the value is deterministic, there are no float atomics.
+then writes the tile's share of the value to its own slot of a partials buffer, and the tile of
+the value's derivative in the product (the op's second output, which the backward takes back):
+E_l = 4 c_l (G_l - I) (c_l = 1/N_l^2 for "mean", 1 for "sum"), tile and mirror, or
+M_l = sign(P_l) (l1; sign(0) = 0, as torch.abs's gradient) / 2 P_l (fro2), into the layer's block
+of one flat fp32 buffer of sum_l N_l^2 (or sum_l r_l s_l) floats. G is symmetric, so only the
+tiles on and below the diagonal are computed (T(T+1)/2 programs for T = cdiv(N, BT)) and the
+off-diagonal ones count twice. The slots are added by one torch sum of a fixed shape afterwards:
+the value is deterministic, there are no float atomics.
 
-Backward, two launches (per dtype group), nothing kept from the forward but the inputs:
-1. the forward's tiles again, storing instead of reducing: E_l = 4 c_l g (G_l - I) (c_l = 1/N_l^2
-   for "mean", 1 for "sum"; g = grad_output, read on device, no host sync), both the tile and its
-   mirror; or M_l = g sign(P_l) (l1; sign(0) = 0, as torch.abs's gradient) / 2 g P_l (fro2).
-   The scratch is one flat fp32 buffer of sum_l N_l^2 (or sum_l r_l s_l) floats.
-2. gradient panels: each program owns a [BM, BD] tile of one output and accumulates
-   scratch-matrix @ input over the small dimension: dW = E W, dA = M B, dB = M^T A (M^T read
-   through swapped strides). One launch covers every layer and both sides of the cross loss;
-   a side whose gradient is not needed (O-LoRA's frozen old matrices) gets no programs.
+Backward, one launch (per dtype group) after scaling the forward's derivative buffer by
+grad_output (one elementwise op, read on device: no host sync): gradient panels, each program
+owns a [BM, BD] tile of one output and accumulates scratch-matrix @ input over the small
+dimension: dW = E W, dA = M B, dB = M^T A (M^T read through swapped strides). One launch covers
+every layer and both sides of the cross loss; a side whose gradient is not needed (O-LoRA's frozen
+old matrices) gets no programs.
 
 Minimum bytes and flops (fp32 inputs; half the bytes for fp16/bf16), and what this code moves.
 Tiles of one layer re-read by its other programs, and stage 2's re-read of the inputs, should hit L2
 at these sizes (a few MB against H200's 50 MB L2), so HBM traffic stays near the minimum:
 - O-LoRA, 24 layers, r = s = 8, D = 4096. Forward: read 24 * (8 + 8) * 4096 * 4 B = 6.29 MB,
   2 r s D * 24 = 12.6 MFLOP, 24 programs (one tile each), 24 partials. Backward: read 6.29 MB,
-  write dB 3.15 MB (old frozen) or dA and dB 6.29 MB; 12.6 MFLOP to recompute P plus 12.6 per
-  side; scratch 24 * 64 floats (6 KB).
+  write dB 3.15 MB (old frozen) or dA and dB 6.29 MB; 12.6 MFLOP per side; the derivative buffer
+  24 * 64 floats (6 KB), written by the forward.
 - CODA-P, 5 x [10, 768]. Forward: read 5 * 10 * 768 * 4 B = 154 KB, 2 N^2 D * 5 = 0.77 MFLOP
   (0.42 using the symmetry); 5 programs. Backward: read 154 KB, write 154 KB, 0.42 + 0.77
-  MFLOP; scratch 5 * 100 floats. The 16 x 16 tiles do 2.0 MFLOP of dot work per pass for N = 10
+  MFLOP; derivative buffer 5 * 100 floats. The 16 x 16 tiles do 2.0 MFLOP of dot work per pass for N = 10
   (padding), but masked loads read no padding bytes.
 At HBM speed (4.8 TB/s) the O-LoRA forward is about 1.3 us of traffic and CODA-P's is noise: both
 are bound by launch and host overhead, hence one launch per list and stage, and one table copy
-per call.
+per call. Keeping the derivative buffer from the forward (a few KB) saves the backward a
+second read of every input and one launch, against recomputing the products.
 """
 from __future__ import annotations
 
@@ -86,11 +88,11 @@ def _product_tile(a_ptr, b_ptr, rows, cols, R, C, D, BT: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def _gram_tiles_kernel(table, count, out, go_ptr, MEAN: tl.constexpr, BACKWARD: tl.constexpr, W: tl.constexpr,
-                       BT: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr):
-    """Table rows: W pointer, N, D, scratch offset, first program. One program per tile on or below
-    the diagonal of G = W W^T. Forward: out[pid] = weighted sum of (G - I)^2 over the tile.
-    Backward: E = 4 c g (G - I) into the layer's [N, N] block of out, tile and mirror."""
+def _gram_tiles_kernel(table, count, partials, d_gram, MEAN: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+                       BK: tl.constexpr, STEPS: tl.constexpr):
+    """Table rows: W pointer, N, D, d_gram offset, first program. One program per tile on or below
+    the diagonal of G = W W^T: partials[pid] = weighted sum of (G - I)^2 over the tile, and
+    E = 4 c (G - I) into the layer's [N, N] block of d_gram, tile and mirror."""
     pid = tl.program_id(0)
     t = find_tensor(table + 4 * count, count, pid, STEPS)
     w = tl.load(table + t).to(tl.pointer_type(W))
@@ -112,25 +114,23 @@ def _gram_tiles_kernel(table, count, out, go_ptr, MEAN: tl.constexpr, BACKWARD: 
         coef = 1.0 / (nf * nf)
     else:
         coef = 1.0
-    if BACKWARD:
-        e = e * (4.0 * coef * tl.load(go_ptr).to(tl.float32))
-        block = out + tl.load(table + 3 * count + t)
-        valid = (rows[:, None] < n) & (cols[None, :] < n)
-        tl.store(block + rows[:, None] * n + cols[None, :], e, mask=valid)
-        # G is symmetric: the tile above the diagonal is this one transposed (same values, swapped addresses)
-        if ti != tj:  # a branch, not a mask term: Triton 3.9's interpreter widens `mask & scalar` to int64
-            tl.store(block + cols[None, :] * n + rows[:, None], e, mask=valid)
-    else:
-        weight = tl.where(ti == tj, 1.0, 2.0) * coef
-        tl.store(out + pid, tl.sum(tl.sum(e * e, axis=1), axis=0) * weight)
+    weight = tl.where(ti == tj, 1.0, 2.0) * coef
+    tl.store(partials + pid, tl.sum(tl.sum(e * e, axis=1), axis=0) * weight)
+    e = e * (4.0 * coef)
+    block = d_gram + tl.load(table + 3 * count + t)
+    valid = (rows[:, None] < n) & (cols[None, :] < n)
+    tl.store(block + rows[:, None] * n + cols[None, :], e, mask=valid)
+    # G is symmetric: the tile above the diagonal is this one transposed (same values, swapped addresses)
+    if ti != tj:  # a branch, not a mask term: Triton 3.9's interpreter widens `mask & scalar` to int64
+        tl.store(block + cols[None, :] * n + rows[:, None], e, mask=valid)
 
 
 @triton.jit
-def _cross_tiles_kernel(table, count, out, go_ptr, L1: tl.constexpr, BACKWARD: tl.constexpr, A: tl.constexpr,
-                        B: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr):
-    """Table rows: A pointer, B pointer, r, s, D, scratch offset, first program. One program per tile
-    of P = A B^T [r, s]. Forward: out[pid] = sum |P| (l1) or P^2 over the tile. Backward: M = g sign(P)
-    or 2 g P into the layer's [r, s] block of out."""
+def _cross_tiles_kernel(table, count, partials, d_products, L1: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+                        BT: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr):
+    """Table rows: A pointer, B pointer, r, s, D, d_products offset, first program. One program per
+    tile of P = A B^T [r, s]: partials[pid] = sum |P| (l1) or P^2 over the tile, and M = sign(P) or
+    2 P into the layer's [r, s] block of d_products."""
     pid = tl.program_id(0)
     t = find_tensor(table + 6 * count, count, pid, STEPS)
     a = tl.load(table + t).to(tl.pointer_type(A))
@@ -143,20 +143,15 @@ def _cross_tiles_kernel(table, count, out, go_ptr, L1: tl.constexpr, BACKWARD: t
     rows = (k // tiles_s) * BT + tl.arange(0, BT)
     cols = (k % tiles_s) * BT + tl.arange(0, BT)
     p = _product_tile(a, b, rows, cols, r, s, d, BT, BK)
-    if BACKWARD:
-        go = tl.load(go_ptr).to(tl.float32)
-        if L1:
-            m = tl.where(p > 0, go, tl.where(p < 0, -go, 0.0))
-        else:
-            m = p * (2.0 * go)
-        block = out + tl.load(table + 5 * count + t)
-        tl.store(block + rows[:, None] * s + cols[None, :], m, mask=(rows[:, None] < r) & (cols[None, :] < s))
+    if L1:
+        v = tl.abs(p)
+        m = tl.where(p > 0, 1.0, tl.where(p < 0, -1.0, 0.0))
     else:
-        if L1:
-            v = tl.abs(p)
-        else:
-            v = p * p
-        tl.store(out + pid, tl.sum(tl.sum(v, axis=1), axis=0))
+        v = p * p
+        m = p * 2.0
+    tl.store(partials + pid, tl.sum(tl.sum(v, axis=1), axis=0))
+    block = d_products + tl.load(table + 5 * count + t)
+    tl.store(block + rows[:, None] * s + cols[None, :], m, mask=(rows[:, None] < r) & (cols[None, :] < s))
 
 
 @triton.jit
@@ -255,109 +250,111 @@ def _panel_programs(r: int, d: int) -> int:
     return triton.cdiv(r, BM) * triton.cdiv(d, BD)
 
 
-def _go_ptr(grad_output: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """grad_output as a 1-element fp32 device tensor that the kernels read (no host sync)."""
-    return grad_output.detach().to(device=device, dtype=torch.float32).reshape(1)
+def _scaled(d: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """The forward's derivative buffer times grad_output (a device tensor: no host sync)."""
+    return d * grad_output.detach().to(device=d.device, dtype=torch.float32)
 
 
-def gram_orthogonality(weights: list[torch.Tensor], mean: bool) -> torch.Tensor:
-    """sum_l mean (or sum) of (W_l W_l^T - I)^2; contiguous fp16/bf16/fp32 [N_l >= 1, D_l]; 0-d fp32."""
+def _gram_offsets(weights):
+    offsets, total = [], 0
+    for w in weights:
+        offsets.append(total)
+        total += w.shape[0] * w.shape[0]
+    return offsets, total
+
+
+def gram_orthogonality(weights: list[torch.Tensor], mean: bool):
+    """(sum_l mean (or sum) of (W_l W_l^T - I)^2 as a 0-d fp32, d_gram [sum N_l^2] fp32); contiguous
+    fp16/bf16/fp32 [N_l >= 1, D_l]."""
     _check(*weights)
     device = weights[0].device
+    offsets, size = _gram_offsets(weights)
     table = _Table()
     plans = []
     for dtype, idx in _groups(w.dtype for w in weights).items():
-        columns = [(weights[i].data_ptr(), weights[i].shape[0], weights[i].shape[1], 0) for i in idx]
+        columns = [(weights[i].data_ptr(), weights[i].shape[0], weights[i].shape[1], offsets[i]) for i in idx]
         offset, programs = table.add(columns, [_tri_tiles(weights[i].shape[0]) for i in idx])
         plans.append((dtype, idx, offset, programs))
     table_d = table.upload(device)
     partials = torch.empty(sum(p[3] for p in plans), dtype=torch.float32, device=device)
+    d_gram = torch.empty(size, dtype=torch.float32, device=device)
     first = 0
     for dtype, idx, offset, programs in plans:
-        # go_ptr (here `partials`) is read by the backward only
-        _gram_tiles_kernel[(programs,)](table_d[offset:], len(idx), partials[first:], partials, MEAN=mean,
-                                        BACKWARD=False, W=TL_DTYPE[dtype], BT=BT, BK=BK, STEPS=_steps(len(idx)))
+        _gram_tiles_kernel[(programs,)](table_d[offset:], len(idx), partials[first:], d_gram, MEAN=mean,
+                                        W=TL_DTYPE[dtype], BT=BT, BK=BK, STEPS=_steps(len(idx)))
         first += programs
-    return partials.sum()  # fixed-order reduction of the per-tile sums
+    return partials.sum(), d_gram  # fixed-order reduction of the per-tile sums
 
 
-def gram_orthogonality_backward(grad_output: torch.Tensor, weights: list[torch.Tensor], mean: bool):
-    """dW_l = 4 c_l g (W_l W_l^T - I) W_l, in each weight's dtype."""
+def gram_orthogonality_backward(grad_output: torch.Tensor, d_gram: torch.Tensor, weights: list[torch.Tensor]):
+    """dW_l = g E_l W_l, in each weight's dtype (E_l from the forward's d_gram)."""
     _check(*weights)
     device = weights[0].device
     grads = [torch.empty_like(w) for w in weights]
+    offsets, _ = _gram_offsets(weights)
     table = _Table()
-    plans, scratch_size = [], 0
+    plans = []
     for dtype, idx in _groups(w.dtype for w in weights).items():
-        tiles, jobs = [], []
-        for i in idx:
-            n, d = weights[i].shape
-            tiles.append((weights[i].data_ptr(), n, d, scratch_size))
-            # dW = E W: E [n, n] row-major at the layer's scratch offset
-            jobs.append((grads[i].data_ptr(), weights[i].data_ptr(), scratch_size, n, 1, n, n, d, 0))
-            scratch_size += n * n
-        tiles_at, tile_programs = table.add(tiles, [_tri_tiles(weights[i].shape[0]) for i in idx])
-        jobs_at, panel_programs = table.add(jobs, [_panel_programs(*weights[i].shape) for i in idx])
-        plans.append((dtype, idx, tiles_at, tile_programs, jobs_at, panel_programs))
+        # dW = E W: E [n, n] row-major at the layer's offset
+        jobs = [(grads[i].data_ptr(), weights[i].data_ptr(), offsets[i], weights[i].shape[0], 1,
+                 weights[i].shape[0], weights[i].shape[0], weights[i].shape[1], 0) for i in idx]
+        plans.append((dtype, idx, *table.add(jobs, [_panel_programs(*weights[i].shape) for i in idx])))
     table_d = table.upload(device)
-    scratch = torch.empty(scratch_size, dtype=torch.float32, device=device)
-    go = _go_ptr(grad_output, device)
-    for dtype, idx, tiles_at, tile_programs, jobs_at, panel_programs in plans:
-        count, tl_dtype = len(idx), TL_DTYPE[dtype]
-        _gram_tiles_kernel[(tile_programs,)](table_d[tiles_at:], count, scratch, go, MEAN=mean, BACKWARD=True,
-                                             W=tl_dtype, BT=BT, BK=BK, STEPS=_steps(count))
+    scratch = _scaled(d_gram, grad_output)
+    for dtype, idx, jobs_at, panel_programs in plans:
         if panel_programs:  # zero when every D_l is 0
-            _grad_panels_kernel[(panel_programs,)](table_d[jobs_at:], count, scratch, X=tl_dtype, Y=tl_dtype,
-                                                   MIXED=False, BM=BM, BC=BC, BD=BD, STEPS=_steps(count))
+            _grad_panels_kernel[(panel_programs,)](table_d[jobs_at:], len(idx), scratch, X=TL_DTYPE[dtype],
+                                                   Y=TL_DTYPE[dtype], MIXED=False, BM=BM, BC=BC, BD=BD,
+                                                   STEPS=_steps(len(idx)))
     return grads
 
 
-def _cross_tiles(old, new, idx, offsets, table: _Table):
-    """Adds the product-tile sub-table of layers idx; (offset, programs)."""
-    columns = [(old[i].data_ptr(), new[i].data_ptr(), old[i].shape[0], new[i].shape[0], old[i].shape[1],
-                offsets[i]) for i in idx]
-    programs = [triton.cdiv(old[i].shape[0], BT) * triton.cdiv(new[i].shape[0], BT) for i in idx]
-    return table.add(columns, programs)
+def _cross_offsets(old, new):
+    offsets, total = [], 0
+    for a, b in zip(old, new):
+        offsets.append(total)
+        total += a.shape[0] * b.shape[0]
+    return offsets, total
 
 
-def cross_orthogonality(old: list[torch.Tensor], new: list[torch.Tensor], l1: bool) -> torch.Tensor:
-    """sum_l |A_l B_l^T|.sum() (l1) or ((A_l B_l^T)^2).sum(); contiguous non-empty inputs; 0-d fp32."""
+def cross_orthogonality(old: list[torch.Tensor], new: list[torch.Tensor], l1: bool):
+    """(sum_l |A_l B_l^T|.sum() (l1) or ((A_l B_l^T)^2).sum() as a 0-d fp32, d_products [sum r_l s_l]
+    fp32); contiguous non-empty inputs."""
     _check(*old, *new)
     device = old[0].device
+    offsets, size = _cross_offsets(old, new)
     table = _Table()
     plans = []
     for (a_dt, b_dt), idx in _groups(zip((a.dtype for a in old), (b.dtype for b in new))).items():
-        plans.append((a_dt, b_dt, len(idx), *_cross_tiles(old, new, idx, [0] * len(old), table)))
+        columns = [(old[i].data_ptr(), new[i].data_ptr(), old[i].shape[0], new[i].shape[0], old[i].shape[1],
+                    offsets[i]) for i in idx]
+        programs = [triton.cdiv(old[i].shape[0], BT) * triton.cdiv(new[i].shape[0], BT) for i in idx]
+        plans.append((a_dt, b_dt, len(idx), *table.add(columns, programs)))
     table_d = table.upload(device)
     partials = torch.empty(sum(p[4] for p in plans), dtype=torch.float32, device=device)
+    d_products = torch.empty(size, dtype=torch.float32, device=device)
     first = 0
     for a_dt, b_dt, count, offset, programs in plans:
-        # go_ptr (here `partials`) is read by the backward only
-        _cross_tiles_kernel[(programs,)](table_d[offset:], count, partials[first:], partials, L1=l1,
-                                         BACKWARD=False, A=TL_DTYPE[a_dt], B=TL_DTYPE[b_dt], BT=BT, BK=BK,
-                                         STEPS=_steps(count))
+        _cross_tiles_kernel[(programs,)](table_d[offset:], count, partials[first:], d_products, L1=l1,
+                                         A=TL_DTYPE[a_dt], B=TL_DTYPE[b_dt], BT=BT, BK=BK, STEPS=_steps(count))
         first += programs
-    return partials.sum()  # fixed-order reduction of the per-tile sums
+    return partials.sum(), d_products  # fixed-order reduction of the per-tile sums
 
 
-def cross_orthogonality_backward(grad_output: torch.Tensor, old: list[torch.Tensor], new: list[torch.Tensor],
-                                 l1: bool, old_grad: bool, new_grad: bool):
+def cross_orthogonality_backward(grad_output: torch.Tensor, d_products: torch.Tensor, old: list[torch.Tensor],
+                                 new: list[torch.Tensor], old_grad: bool, new_grad: bool):
     """(dA_l = g M_l B_l for every l or [] when not old_grad, dB_l = g M_l^T A_l or [] when not new_grad),
-    M = sign(A B^T) (l1) or 2 A B^T (fro2)."""
+    M_l from the forward's d_products."""
     _check(*old, *new)
     if not (old_grad or new_grad):
         return [], []
     device = old[0].device
     d_old = [torch.empty_like(a) for a in old] if old_grad else []
     d_new = [torch.empty_like(b) for b in new] if new_grad else []
-    offsets, scratch_size = [], 0
-    for a, b in zip(old, new):
-        offsets.append(scratch_size)
-        scratch_size += a.shape[0] * b.shape[0]
+    offsets, _ = _cross_offsets(old, new)
     table = _Table()
     plans = []
     for (a_dt, b_dt), idx in _groups(zip((a.dtype for a in old), (b.dtype for b in new))).items():
-        tiles = _cross_tiles(old, new, idx, offsets, table)
         jobs, job_programs = [], []
         for i in idx:
             (r, d), s = old[i].shape, new[i].shape[0]
@@ -367,15 +364,10 @@ def cross_orthogonality_backward(grad_output: torch.Tensor, old: list[torch.Tens
             if new_grad:  # dB = M^T A: M read through swapped strides, contracted over r
                 jobs.append((d_new[i].data_ptr(), old[i].data_ptr(), offsets[i], 1, s, s, r, d, 1))
                 job_programs.append(_panel_programs(s, d))
-        panels = table.add(jobs, job_programs)
-        plans.append((a_dt, b_dt, len(idx), tiles, len(jobs), panels))
+        plans.append((a_dt, b_dt, len(jobs), *table.add(jobs, job_programs)))
     table_d = table.upload(device)
-    scratch = torch.empty(scratch_size, dtype=torch.float32, device=device)
-    go = _go_ptr(grad_output, device)
-    for a_dt, b_dt, count, (tiles_at, tile_programs), job_count, (jobs_at, panel_programs) in plans:
-        _cross_tiles_kernel[(tile_programs,)](table_d[tiles_at:], count, scratch, go, L1=l1, BACKWARD=True,
-                                              A=TL_DTYPE[a_dt], B=TL_DTYPE[b_dt], BT=BT, BK=BK,
-                                              STEPS=_steps(count))
+    scratch = _scaled(d_products, grad_output)
+    for a_dt, b_dt, job_count, jobs_at, panel_programs in plans:
         # old (X) and new (Y) of different dtypes: each job picks its pointer types by its side
         _grad_panels_kernel[(panel_programs,)](table_d[jobs_at:], job_count, scratch, X=TL_DTYPE[a_dt],
                                                Y=TL_DTYPE[b_dt], MIXED=a_dt != b_dt, BM=BM, BC=BC, BD=BD,

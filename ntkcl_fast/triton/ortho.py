@@ -3,18 +3,17 @@
 Forward, one launch: each program owns a [BM, BN] tile of S = f @ p^T; it walks D once,
 accumulating the tile product with `tl.dot` (fp32 accumulation) and the squared row norms of
 both sides from the same loaded tiles, so normalization, product, square and reduction are one
-pass. Each program writes one partial sum; the partials are added in a fixed order.
+pass. Each program writes one partial sum (added in a fixed order), its tile of S and, from the
+first tile row / column, the clamped row norms: the op's outputs, which the backward takes back.
 
 The loop trip counts (D / BK, K / BN, B / BN) are compile-time constants: one compile per
 feature width and class count, which stay fixed through training.
 
-Backward, three launches (two when one side is frozen), nothing kept from the forward but the inputs:
-1. recompute each S tile as above; write G = dL/dS (a B x K fp32 scratch) and each tile's part of
-   the row dots <dL/dn_f, n_f> = sum_k G_ik S_ik (and per prototype) to its own slot of a
-   [K / BN, B] (and [B / BM, K]) fp32 buffer: no float atomics;
-2. df = inv_f * (G' @ p - n_f * rowdot_f)  (tiles of [BM, BD], `tl.dot` over K), the row dot
-   summed from its parts in a fixed order, so the gradient is the same on every run;
-3. dp likewise with G^T and f.
+Backward, two launches (one when a side is frozen), from S and the norms of the forward:
+G = dL/dS = c S and the row dots <dL/dn_f, n_f> = sum_k G_ik S_ik (per prototype likewise) are
+elementwise torch ops on [B, K]; then
+  df = inv_f * (G' @ p - n_f * rowdot_f)  (tiles of [BM, BD], `tl.dot` over K, G' = G / |p|),
+  dp likewise with G^T and f.
 Row norms are clamped at 1e-12 (torch.nn.functional.normalize); a clamped row gets the plain
 dn / 1e-12 gradient, as autograd gives.
 """
@@ -32,7 +31,7 @@ BM, BN, BK = 16, 16, 32  # tl.dot needs every block dim >= 16
 def _cosine_tile(f_ptr, p_ptr, B, K, D, NORMALIZE: tl.constexpr, EPS: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr):
     """This program's [BM, BN] tile of S = norm(f) @ norm(p).T (zero outside B x K), with its row and
-    column indices, validity mask and inverse row norms (1 when not normalizing)."""
+    column indices, validity mask and clamped row norms (1 when not normalizing)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -50,41 +49,28 @@ def _cosine_tile(f_ptr, p_ptr, B, K, D, NORMALIZE: tl.constexpr, EPS: tl.constex
             fss += tl.sum(f * f, axis=1)
             pss += tl.sum(p * p, axis=1)
     if NORMALIZE:
-        inv_f = 1.0 / tl.maximum(tl.sqrt(fss), EPS)
-        inv_p = 1.0 / tl.maximum(tl.sqrt(pss), EPS)
+        norm_f = tl.maximum(tl.sqrt(fss), EPS)
+        norm_p = tl.maximum(tl.sqrt(pss), EPS)
     else:
-        inv_f = tl.full((BM,), 1.0, tl.float32)
-        inv_p = tl.full((BN,), 1.0, tl.float32)
-    s = acc * inv_f[:, None] * inv_p[None, :]
+        norm_f = tl.full((BM,), 1.0, tl.float32)
+        norm_p = tl.full((BN,), 1.0, tl.float32)
+    s = acc * (1.0 / norm_f)[:, None] * (1.0 / norm_p)[None, :]
     valid = (rows[:, None] < B) & (cols[None, :] < K)
     s = tl.where(valid, s, 0.0)
-    return s, rows, cols, valid, inv_f, inv_p
+    return s, rows, cols, valid, norm_f, norm_p
 
 
 @triton.jit
-def _fo_fwd_kernel(f_ptr, p_ptr, partials, B, K, D, NORMALIZE: tl.constexpr, EPS: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr):
+def _fo_fwd_kernel(f_ptr, p_ptr, partials, s_ptr, f_norm_ptr, p_norm_ptr, B, K, D, NORMALIZE: tl.constexpr,
+                   EPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    s, rows, cols, valid, inv_f, inv_p = _cosine_tile(f_ptr, p_ptr, B, K, D, NORMALIZE, EPS, BM, BN, BK, KT)
+    s, rows, cols, valid, norm_f, norm_p = _cosine_tile(f_ptr, p_ptr, B, K, D, NORMALIZE, EPS, BM, BN, BK, KT)
     tl.store(partials + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(s * s, axis=1), axis=0))
-
-
-@triton.jit
-def _fo_grad_s_kernel(f_ptr, p_ptr, g_ptr, rowdot_f, rowdot_p, inv_f_ptr, inv_p_ptr, coef_ptr, B, K, D,
-                      NORMALIZE: tl.constexpr, EPS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, KT: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    s, rows, cols, valid, inv_f, inv_p = _cosine_tile(f_ptr, p_ptr, B, K, D, NORMALIZE, EPS, BM, BN, BK, KT)
-    g = s * tl.load(coef_ptr)  # dL/dS = 2 c grad_output S
-    tl.store(g_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], g, mask=valid)
-    if NORMALIZE:
-        gs = g * s
-        tl.store(rowdot_f + pid_n * B + rows, tl.sum(gs, axis=1), mask=rows < B)
-        tl.store(rowdot_p + pid_m * K + cols, tl.sum(gs, axis=0), mask=cols < K)
-        if pid_n == 0:
-            tl.store(inv_f_ptr + rows, inv_f, mask=rows < B)
-        if pid_m == 0:
-            tl.store(inv_p_ptr + cols, inv_p, mask=cols < K)
+    tl.store(s_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], s, mask=valid)
+    if pid_n == 0:
+        tl.store(f_norm_ptr + rows, norm_f, mask=rows < B)
+    if pid_m == 0:
+        tl.store(p_norm_ptr + cols, norm_p, mask=cols < K)
 
 
 @triton.jit
@@ -126,43 +112,49 @@ def _check(*tensors):
                             "use backend='cpu'/'cuda'/'torch' for fp64")
 
 
-def feature_orthogonality(features, prototypes, normalize: bool, mean: bool) -> torch.Tensor:
-    _check(features, prototypes)
-    B, D = features.shape
-    K = prototypes.shape[0]
-    grid = (triton.cdiv(B, BM), triton.cdiv(K, BN))
-    partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=features.device)
-    _fo_fwd_kernel[grid](features, prototypes, partials, B, K, D, NORMALIZE=normalize, EPS=EPS, BM=BM, BN=BN, BK=BK, KT=triton.cdiv(D, BK))
-    total = partials.sum()
-    return total / (B * K) if mean else total
+def _inverse(norm: torch.Tensor) -> torch.Tensor:
+    """1 / norm, exactly 1 / EPS for a clamped norm: `_fo_grad_x_kernel` tells clamped rows by that value."""
+    return torch.where(norm > EPS, norm.reciprocal(), 1.0 / EPS)
 
 
-def feature_orthogonality_backward(grad_output, features, prototypes, normalize: bool, mean: bool,
-                                   features_grad: bool, prototypes_grad: bool):
-    """(df, dp); a side that needs no gradient skips its launch and comes back as None."""
+def feature_orthogonality(features, prototypes, normalize: bool, mean: bool):
+    """(value, S [B, K], max(||f_i||, eps) [B], max(||p_k||, eps) [K]) in fp32 (norms 1 when not
+    normalizing): the outputs of the ntkcl_fast op of this name."""
     _check(features, prototypes)
     B, D = features.shape
     K = prototypes.shape[0]
     dev = features.device
-    coef = (grad_output.to(torch.float32) * (2.0 / (B * K) if mean else 2.0)).reshape(1).contiguous()
-    g = torch.empty(B, K, dtype=torch.float32, device=dev)
-    m_tiles, n_tiles = triton.cdiv(B, BM), triton.cdiv(K, BN)
-    rowdot_f = torch.empty(n_tiles, B, dtype=torch.float32, device=dev)  # one part per tile column
-    rowdot_p = torch.empty(m_tiles, K, dtype=torch.float32, device=dev)
-    inv_f = torch.empty(B, dtype=torch.float32, device=dev)
-    inv_p = torch.empty(K, dtype=torch.float32, device=dev)
-    _fo_grad_s_kernel[(m_tiles, n_tiles)](
-        features, prototypes, g, rowdot_f, rowdot_p, inv_f, inv_p, coef, B, K, D,
-        NORMALIZE=normalize, EPS=EPS, BM=BM, BN=BN, BK=BK, KT=triton.cdiv(D, BK))
-    df = dp = None
+    grid = (triton.cdiv(B, BM), triton.cdiv(K, BN))
+    partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=dev)
+    s = torch.empty(B, K, dtype=torch.float32, device=dev)
+    f_norm = torch.empty(B, dtype=torch.float32, device=dev)
+    p_norm = torch.empty(K, dtype=torch.float32, device=dev)
+    _fo_fwd_kernel[grid](features, prototypes, partials, s, f_norm, p_norm, B, K, D, NORMALIZE=normalize, EPS=EPS,
+                         BM=BM, BN=BN, BK=BK, KT=triton.cdiv(D, BK))
+    total = partials.sum()
+    return total / (B * K) if mean else total, s, f_norm, p_norm
+
+
+def feature_orthogonality_backward(grad_output, s, f_norm, p_norm, features, prototypes, normalize: bool,
+                                   mean: bool, features_grad: bool, prototypes_grad: bool):
+    """(df, dp); a side that needs no gradient skips its launch and comes back empty."""
+    _check(features, prototypes)
+    B, D = features.shape
+    K = prototypes.shape[0]
+    g = s * (grad_output.to(torch.float32) * (2.0 / (B * K) if mean else 2.0))  # dL/dS, read on device
+    gs = g * s
+    # one row-dot part per row ([1, B] and [1, K]): summed by torch, in a fixed order
+    rowdot_f, rowdot_p = gs.sum(1).reshape(1, B), gs.sum(0).reshape(1, K)
+    inv_f, inv_p = _inverse(f_norm), _inverse(p_norm)
+    df, dp = features.new_empty((0,)), prototypes.new_empty((0,))
     if features_grad:
         df = torch.empty_like(features)
         _fo_grad_x_kernel[(triton.cdiv(B, BM), triton.cdiv(D, BK))](
             g, K, 1, prototypes, features, df, rowdot_f, inv_f, inv_p, B, K, D,
-            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=n_tiles, PARTS=n_tiles)
+            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(K, BN), PARTS=1)
     if prototypes_grad:
         dp = torch.empty_like(prototypes)
         _fo_grad_x_kernel[(triton.cdiv(K, BM), triton.cdiv(D, BK))](
             g, 1, K, features, prototypes, dp, rowdot_p, inv_p, inv_f, K, B, D,
-            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(B, BN), PARTS=m_tiles)
+            NORMALIZE=normalize, EPS=EPS, BM=BM, BD=BK, BC=BN, CT=triton.cdiv(B, BN), PARTS=1)
     return df, dp

@@ -261,7 +261,7 @@ def projection_residual(features, basis, normalize: bool, sumsq: bool) -> torch.
 
 def projection_residual_backward(grad_output, features, basis, normalize: bool, sumsq: bool, features_grad: bool,
                                  basis_grad: bool):
-    """(d features, d basis); d basis is skipped (None) when not needed (a frozen basis), d features
+    """(d features, d basis); d basis is skipped (empty) when not needed (a frozen basis), d features
     is always computed (the rows kernel produces it with c and e) and returned only when needed."""
     _check(features, basis)
     B, D = features.shape
@@ -276,9 +276,9 @@ def projection_residual_backward(grad_output, features, basis, normalize: bool, 
     _pr_bwd_rows_kernel[(triton.cdiv(B, BM),)](
         features, basis, df, c, e, inv, coef, B, D, R, NORMALIZE=normalize, SUMSQ=sumsq, EPS=EPS,
         BM=BM, BK=cfg.bk, RP=cfg.rp, DT=triton.cdiv(D, cfg.bk), **cfg.options)
-    du = torch.empty_like(basis) if basis_grad else None
+    du = torch.empty_like(basis) if basis_grad else basis.new_empty((0,))
     if basis_grad and R > 0:  # an empty basis has an empty gradient
         _pr_bwd_basis_kernel[(triton.cdiv(D, cfg.bk),)](
             features, basis, du, c, e, inv, coef, B, D, R, NORMALIZE=normalize, SUMSQ=sumsq,
             BB=cfg.bb, BK=cfg.bk, RP=cfg.rp, BT=triton.cdiv(B, cfg.bb), **cfg.options)
-    return df if features_grad else None, du
+    return df if features_grad else features.new_empty((0,)), du
