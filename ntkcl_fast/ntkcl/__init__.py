@@ -50,7 +50,6 @@ the frozen backbone and EMA passes run without autograd.
 ``fused=True`` (default) computes the regularizers with ntkcl_fast's ops, ``fused=False`` with
 the same math in eager PyTorch (``losses``).
 """
-from .losses import fused_ops_available
 from .metrics import average_incremental_accuracy, final_accuracy, forgetting, summary
 from .model import NTKCL, NTKCLConfig, make_optimizer
 from .peft import AttentionFusion, ChannelAdapter, CosineLinear, PatchPrompt, reweighted_cosine
@@ -58,4 +57,4 @@ from .vit import VisionTransformer
 
 __all__ = ["AttentionFusion", "ChannelAdapter", "CosineLinear", "NTKCL", "NTKCLConfig", "PatchPrompt",
            "VisionTransformer", "average_incremental_accuracy", "final_accuracy", "forgetting",
-           "fused_ops_available", "make_optimizer", "reweighted_cosine", "summary"]
+           "make_optimizer", "reweighted_cosine", "summary"]
