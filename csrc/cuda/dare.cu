@@ -101,7 +101,8 @@ struct DareFunctor {
 void dare_cuda(const at::Tensor& out, const at::Tensor& finetuned, const std::optional<at::Tensor>& base,
                int64_t threshold, double q, const std::optional<at::Tensor>& q_rows, int64_t seed, int64_t key) {
   const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
-  check_dare_one(out, finetuned, b, threshold, q, q_rows, c10::DeviceType::CUDA);
+  check_threshold(threshold);
+  check_dare_one(out, finetuned, b, q, q_rows, c10::DeviceType::CUDA);
   if (out.numel() == 0) return;
   const bool rows = q_rows.has_value() && q_rows->defined();
   const DareFunctor functor{static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed), b != nullptr,
@@ -114,16 +115,9 @@ void dare_cuda(const at::Tensor& out, const at::Tensor& finetuned, const std::op
 
 void dare_multi_cuda(at::TensorList out, at::TensorList finetuned, at::TensorList base, int64_t threshold,
                      at::ArrayRef<double> q, int64_t seed, at::ArrayRef<int64_t> keys) {
-  TORCH_CHECK_VALUE(finetuned.size() == out.size() && base.size() == out.size() && q.size() == out.size() &&
-                        keys.size() == out.size(),
-                    "out, finetuned, base, q and keys must have the same length");
+  check_dare_multi_args(out, finetuned, base, threshold, q, keys, c10::DeviceType::CUDA);
   std::vector<DareScalar> scalars;
-  for (size_t i = 0; i < out.size(); ++i) {
-    check_dare_one(out[i], finetuned[i], &base[i], threshold, q[i], std::nullopt, c10::DeviceType::CUDA);
-    TORCH_CHECK_VALUE(out[i].device() == out[0].device(), "out[", i, "] is on ", out[i].device(), ", out[0] on ",
-                      out[0].device(), ": one call takes tensors of one device");
-    scalars.emplace_back(q[i], static_cast<uint64_t>(keys[i]));
-  }
+  for (size_t i = 0; i < out.size(); ++i) scalars.emplace_back(q[i], static_cast<uint64_t>(keys[i]));
   const DareFunctor functor{static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed), true, nullptr, 1};
   mta::multi_tensor_apply<3, DareScalar>({out, finetuned, base}, scalars, functor);
 }
