@@ -29,18 +29,19 @@ struct AdamRLists {
 template <typename Acc>
 void adamr_chunk(const AdamRLists& l, size_t t, int64_t begin, int64_t end, const Hyper& h, bool l1) {
   using V = at::vec::Vectorized<Acc>;
-  cpu::Tile<Acc> p_tile, g_tile, m_tile, v_tile, a_tile;
+  cpu::WriteTile<Acc> p_tile(l.params[t]), m_tile(l.exp_avg[t]), v_tile(l.exp_avg_sq[t]);
+  cpu::ReadTile<Acc> g_tile(l.grads[t]), a_tile(l.anchors[t]);
   const Acc lr = h.lr, b1 = h.beta1, b2 = h.beta2, eps = h.eps, wd = h.wd, pull = h.pull;
   const Acc step_size = h.step_size, inv_sqrt_bc2 = h.inv_sqrt_bc2;
   const V lr_v(lr), b1_v(b1), b2_v(b2), c1_v(1 - b1), c2_v(1 - b2), eps_v(eps), wd_v(wd), pull_v(pull);
   const V step_v(step_size), bc2_v(inv_sqrt_bc2), zero(0), one(1);
   for (int64_t pos = begin; pos < end; pos += kTile) {
     const int64_t n = std::min(kTile, end - pos);
-    Acc* p = p_tile.load(l.params[t], pos, n);
-    const Acc* g = g_tile.read(l.grads[t], pos, n);
-    Acc* m = m_tile.load(l.exp_avg[t], pos, n);
-    Acc* v = v_tile.load(l.exp_avg_sq[t], pos, n);
-    const Acc* a = a_tile.read(l.anchors[t], pos, n);
+    Acc* p = p_tile.load(pos, n);
+    const Acc* g = g_tile.read(pos, n);
+    Acc* m = m_tile.load(pos, n);
+    Acc* v = v_tile.load(pos, n);
+    const Acc* a = a_tile.read(pos, n);
     int64_t j = 0;
     for (; j + V::size() <= n; j += V::size()) {
       const V gj = V::loadu(g + j);
@@ -67,9 +68,9 @@ void adamr_chunk(const AdamRLists& l, size_t t, int64_t begin, int64_t end, cons
       v[j] = vj;
       p[j] = pj;
     }
-    p_tile.store(l.params[t], pos, n);
-    m_tile.store(l.exp_avg[t], pos, n);
-    v_tile.store(l.exp_avg_sq[t], pos, n);
+    p_tile.store(pos, n);
+    m_tile.store(pos, n);
+    v_tile.store(pos, n);
   }
 }
 

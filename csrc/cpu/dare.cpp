@@ -86,7 +86,10 @@ void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, 
   static_assert(cpu::kTile == kBlock, "one draw buffer per tile");
   const Acc* qr = job.q_rows ? job.q_rows->const_data_ptr<Acc>() : nullptr;
   const int64_t inner = job.q_rows && job.out->size(0) ? job.out->numel() / job.out->size(0) : 0;
-  cpu::Tile<Acc> out_tile, f_tile, b_tile;
+  cpu::WriteTile<Acc> out_tile(*job.out);
+  cpu::ReadTile<Acc> f_tile(*job.finetuned);
+  std::optional<cpu::ReadTile<Acc>> b_tile;
+  if (job.base) b_tile.emplace(*job.base);
   alignas(64) uint32_t u[kBlock];
   alignas(64) uint8_t keep[kBlock];
   for (int64_t pos = begin; pos < end; pos += kBlock) {
@@ -101,9 +104,9 @@ void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, 
       for (int64_t i = 0; i < n; ++i) keep[i] = u[i] >= t32;
     }
     // read before open: in place, out shares memory with finetuned or base
-    const Acc* f = f_tile.read(*job.finetuned, pos, n);
-    const Acc* b = job.base ? b_tile.read(*job.base, pos, n) : nullptr;
-    Acc* out = out_tile.open(*job.out, pos);
+    const Acc* f = f_tile.read(pos, n);
+    const Acc* b = b_tile ? b_tile->read(pos, n) : nullptr;
+    Acc* out = out_tile.open(pos);
     for (int64_t i = 0; i < n;) {
       // a run of one q: the whole tile for scalar q, up to the next row boundary otherwise
       int64_t e = n;
@@ -123,7 +126,7 @@ void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, 
       }
       i = e;
     }
-    out_tile.store(*job.out, pos, n);
+    out_tile.store(pos, n);
   }
 }
 

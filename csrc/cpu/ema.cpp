@@ -20,20 +20,21 @@ using cpu::kTile;
 template <typename Acc>
 void ema_chunk(const at::Tensor& ema_t, const at::Tensor& src_t, int64_t begin, int64_t end, double decay) {
   using V = at::vec::Vectorized<Acc>;
-  cpu::Tile<Acc> ema_tile, src_tile;
+  cpu::WriteTile<Acc> ema_tile(ema_t);
+  cpu::ReadTile<Acc> src_tile(src_t);
   const Acc w = static_cast<Acc>(1.0 - decay);
   const V wv(w);
   for (int64_t pos = begin; pos < end; pos += kTile) {
     const int64_t n = std::min(kTile, end - pos);
-    Acc* e = ema_tile.load(ema_t, pos, n);
-    const Acc* s = src_tile.read(src_t, pos, n);
+    Acc* e = ema_tile.load(pos, n);
+    const Acc* s = src_tile.read(pos, n);
     int64_t j = 0;
     for (; j + V::size() <= n; j += V::size()) {
       const V ej = V::loadu(e + j);
       at::vec::fmadd(wv, V::loadu(s + j) - ej, ej).store(e + j);
     }
     for (; j < n; ++j) e[j] = e[j] + w * (s[j] - e[j]);
-    ema_tile.store(ema_t, pos, n);
+    ema_tile.store(pos, n);
   }
 }
 

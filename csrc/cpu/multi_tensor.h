@@ -32,15 +32,18 @@ class ChunkPlan {
     for (size_t t = 0; t < list.size(); ++t) {
       numel_[t] = list[t].numel();
       first_[t + 1] = first_[t] + (numel_[t] + kChunk - 1) / kChunk;
+      total_ += numel_[t];
     }
   }
 
   int64_t size() const { return first_.back(); }
 
-  // f(c, chunk) for every chunk c, in parallel; a thread visits its chunks in order.
+  // f(c, chunk) for every chunk c, in parallel; a thread visits its chunks in order. A list of
+  // fewer than kSerial elements runs on the calling thread: waking the pool costs more.
   template <typename F>
   void parallel_for(const F& f) const {
-    at::parallel_for(0, size(), 1, [&](int64_t lo, int64_t hi) {
+    const int64_t grain = total_ < kSerial ? std::max<int64_t>(size(), 1) : 1;
+    at::parallel_for(0, size(), grain, [&](int64_t lo, int64_t hi) {
       size_t t = std::upper_bound(first_.begin(), first_.end(), lo) - first_.begin() - 1;  // first_[t] <= lo
       for (int64_t c = lo; c < hi; ++c) {
         while (first_[t + 1] <= c) ++t;
@@ -62,8 +65,11 @@ class ChunkPlan {
   }
 
  private:
+  static constexpr int64_t kSerial = int64_t{1} << 16;
+
   std::vector<int64_t> first_;  // tensor t owns chunks [first_[t], first_[t + 1])
   std::vector<int64_t> numel_;
+  int64_t total_ = 0;
 };
 
 // Math in double when any tensor at index t of the (non-empty) lists is fp64, else in float.

@@ -33,7 +33,7 @@ struct L2Args {
 // when grads are given. Eight running sums, added as a tree: part of the fixed reduction order.
 // Sum of F * (p - a)^2 over [begin, end) of tensor t (without the scale); writes the gradient
 // when grads are given. Eight running sums, added as a tree: part of the fixed reduction order.
-// Local tiles rather than cpu::Tile: GCC contracts the scalar tail `coef * fd + g` into an FMA
+// Local tiles rather than cpu::ReadTile / WriteTile: GCC contracts the scalar tail `coef * fd + g` into an FMA
 // or not depending on what may alias g, and the local arrays keep the bits the op has always had.
 template <typename Acc>
 double l2_chunk(const L2Args& args, size_t t, int64_t begin, int64_t end) {
@@ -97,20 +97,21 @@ template <typename Acc>
 void fisher_chunk(const at::Tensor& fisher, const at::Tensor& grads, int64_t begin, int64_t end, double scale,
                   double decay) {
   using V = Vectorized<Acc>;
-  cpu::Tile<Acc> f_tile, g_tile;
+  cpu::WriteTile<Acc> f_tile(fisher);
+  cpu::ReadTile<Acc> g_tile(grads);
   const Acc s = static_cast<Acc>(scale), dc = static_cast<Acc>(decay);
   const V sv(s), dv(dc);
   for (int64_t pos = begin; pos < end; pos += kTile) {
     const int64_t n = std::min(kTile, end - pos);
-    Acc* f = f_tile.load(fisher, pos, n);
-    const Acc* g = g_tile.read(grads, pos, n);
+    Acc* f = f_tile.load(pos, n);
+    const Acc* g = g_tile.read(pos, n);
     int64_t j = 0;
     for (; j + V::size() <= n; j += V::size()) {
       const V gj = V::loadu(g + j);
       (dv * V::loadu(f + j) + sv * (gj * gj)).store(f + j);
     }
     for (; j < n; ++j) f[j] = dc * f[j] + s * (g[j] * g[j]);
-    f_tile.store(fisher, pos, n);
+    f_tile.store(pos, n);
   }
 }
 

@@ -40,38 +40,55 @@ void store_tile(const at::Tensor& t, int64_t off, int64_t n, const Acc* in) {
   visit_float(t.scalar_type(), [&](auto v) { at::vec::convert(in, t.data_ptr<decltype(v)>() + off, n); });
 }
 
-// A tile that uses the tensor's memory in place when it holds Acc, else converts through its
-// own buffer.
+// Tiles of one tensor, read only: each tile is the tensor's memory when it holds Acc, else a
+// converted copy. Bound once per chunk, so the per-tile cost is the conversion alone.
 template <typename Acc>
-class Tile {
+class ReadTile {
  public:
-  // Elements [off, off + n) of t, read only.
-  const Acc* read(const at::Tensor& t, int64_t off, int64_t n) {
-    if (t.scalar_type() == kAccType<Acc>) return data_ = const_cast<Acc*>(t.const_data_ptr<Acc>()) + off;
-    load_tile(t, off, n, buf_);
-    return data_ = buf_;
-  }
+  explicit ReadTile(const at::Tensor& t) : dtype_(t.scalar_type()), base_(t.const_data_ptr()) {}
 
-  // Elements [off, off + n) of t, to be changed and then stored.
-  Acc* load(const at::Tensor& t, int64_t off, int64_t n) {
-    if (t.scalar_type() == kAccType<Acc>) return data_ = t.data_ptr<Acc>() + off;
-    load_tile(t, off, n, buf_);
-    return data_ = buf_;
-  }
-
-  // Room for elements [off, off + n) of t, written without being read.
-  Acc* open(const at::Tensor& t, int64_t off) {
-    return data_ = t.scalar_type() == kAccType<Acc> ? t.data_ptr<Acc>() + off : buf_;
-  }
-
-  // Writes the tile back to [off, off + n) of t: a conversion, or nothing when it is t's memory.
-  void store(const at::Tensor& t, int64_t off, int64_t n) const {
-    if (data_ == buf_) store_tile(t, off, n, buf_);
+  // Elements [off, off + n).
+  const Acc* read(int64_t off, int64_t n) {
+    if (dtype_ == kAccType<Acc>) return static_cast<const Acc*>(base_) + off;
+    visit_float(dtype_, [&](auto v) { at::vec::convert(static_cast<const decltype(v)*>(base_) + off, buf_, n); });
+    return buf_;
   }
 
  private:
+  at::ScalarType dtype_;
+  const void* base_;
   alignas(64) Acc buf_[kTile];
-  Acc* data_ = buf_;
+};
+
+// Tiles of one tensor that is written: changed in place when it holds Acc, else through a
+// converted copy that store() rounds back once.
+template <typename Acc>
+class WriteTile {
+ public:
+  explicit WriteTile(const at::Tensor& t) : dtype_(t.scalar_type()), base_(t.data_ptr()) {}
+
+  // Elements [off, off + n), to be changed and then stored.
+  Acc* load(int64_t off, int64_t n) {
+    if (in_place()) return static_cast<Acc*>(base_) + off;
+    visit_float(dtype_, [&](auto v) { at::vec::convert(static_cast<const decltype(v)*>(base_) + off, buf_, n); });
+    return buf_;
+  }
+
+  // Room for elements [off, off + n), written without being read.
+  Acc* open(int64_t off) { return in_place() ? static_cast<Acc*>(base_) + off : buf_; }
+
+  // Writes back what load() or open() handed out: a conversion, or nothing in place.
+  void store(int64_t off, int64_t n) const {
+    if (in_place()) return;
+    visit_float(dtype_, [&](auto v) { at::vec::convert(buf_, static_cast<decltype(v)*>(base_) + off, n); });
+  }
+
+ private:
+  bool in_place() const { return dtype_ == kAccType<Acc>; }
+
+  at::ScalarType dtype_;
+  void* base_;
+  alignas(64) Acc buf_[kTile];
 };
 
 }  // namespace cpu
