@@ -7,13 +7,9 @@
 #include <optional>
 #include <vector>
 
-#include "overlap.h"
+#include "checks.h"
 
 namespace ntkcl_fast {
-
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
 
 inline void check_ema_args(at::TensorList ema, at::TensorList src, at::ArrayRef<double> decay,
                            const std::optional<at::Tensor>& decay_tensor, c10::DeviceType device) {
@@ -23,30 +19,29 @@ inline void check_ema_args(at::TensorList ema, at::TensorList src, at::ArrayRef<
   TORCH_CHECK_VALUE(has_tensor || decay.size() == ema.size(),
                     "decay must have one value per pair (", ema.size(), "), got ", decay.size());
   if (has_tensor) {
-    TORCH_CHECK_VALUE(decay_tensor->dim() == 0, "decay_tensor must be 0-d");
-    TORCH_CHECK_TYPE(is_supported_float(decay_tensor->scalar_type()), "decay_tensor must be floating");
     TORCH_CHECK_VALUE(decay_tensor->device().type() == device, "decay_tensor is on the wrong device");
+    check_device_scalar(*decay_tensor, "decay_tensor", ema.empty() ? decay_tensor->device() : ema[0].device());
   }
+  check_writable(ema, "ema");
   for (size_t i = 0; i < ema.size(); ++i) {
-    TORCH_CHECK_VALUE(ema[i].sizes() == src[i].sizes(), "ema[", i, "] and src[", i, "] differ in shape: ",
-                      ema[i].sizes(), " and ", src[i].sizes());
-    TORCH_CHECK_TYPE(!ema[i].is_complex() && !src[i].is_complex(), "ema[", i, "]/src[", i,
-                     "] are complex, which EMA does not support");
-    TORCH_CHECK_TYPE(ema[i].is_floating_point() == src[i].is_floating_point(), "ema[", i, "] (",
-                     ema[i].scalar_type(), ") and src[", i, "] (", src[i].scalar_type(),
-                     ") must both be floating or both not");
+    const Arg e = at_index("ema", i), s = at_index("src", i);
+    TORCH_CHECK_VALUE(ema[i].sizes() == src[i].sizes(), e, " and ", s, " differ in shape: ", ema[i].sizes(), " and ",
+                      src[i].sizes());
+    TORCH_CHECK_TYPE(!ema[i].is_complex() && !src[i].is_complex(), e, "/", s, " are complex, which EMA does not support");
+    TORCH_CHECK_TYPE(ema[i].is_floating_point() == src[i].is_floating_point(), e, " (", ema[i].scalar_type(), ") and ",
+                     s, " (", src[i].scalar_type(), ") must both be floating or both not");
     if (ema[i].is_floating_point()) {
-      TORCH_CHECK_TYPE(is_supported_float(ema[i].scalar_type()), "ema[", i, "] must be fp16/bf16/fp32/fp64");
-      TORCH_CHECK_TYPE(is_supported_float(src[i].scalar_type()), "src[", i, "] must be fp16/bf16/fp32/fp64");
+      check_float(ema[i], e);
+      check_float(src[i], s);
     }
-    TORCH_CHECK_VALUE(ema[i].device().type() == device && src[i].device() == ema[i].device(),
-                      "ema[", i, "] and src[", i, "] must be on one ", c10::DeviceTypeName(device), " device");
-    TORCH_CHECK_VALUE(ema[i].is_contiguous() && src[i].is_contiguous(),
-                      "ema[", i, "] and src[", i, "] must be contiguous");
+    TORCH_CHECK_VALUE(ema[i].device().type() == device && src[i].device() == ema[i].device(), e, " and ", s,
+                      " must be on one ", c10::DeviceTypeName(device), " device");
+    TORCH_CHECK_VALUE(ema[i].is_contiguous() && src[i].is_contiguous(), e, " and ", s, " must be contiguous");
     if (!has_tensor) {
       TORCH_CHECK_VALUE(decay[i] >= 0.0 && decay[i] <= 1.0, "decay[", i, "] must be in [0, 1]");
     }
   }
+  check_one_device(ema, "ema");
   check_no_overlap(ema, "ema", src, "src");
 }
 

@@ -5,25 +5,30 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 namespace ntkcl_fast {
 
-// ValueError naming both tensors when any tensor of `written` shares memory with another tensor
-// of `written` or with one of `read` (tensors of `read` may overlap each other). Sorting the byte
-// ranges keeps it O(n log n).
-inline void check_no_overlap(at::TensorList written, const char* written_name, at::TensorList read,
-                             const char* read_name) {
+struct NamedList {
+  at::TensorList list;
+  const char* name;
+};
+
+// ValueError naming both tensors when any tensor of a `written` list shares memory with another
+// written tensor (of any written list) or with a tensor of a `read` list (read tensors may overlap
+// each other). Sorting the byte ranges keeps it O(n log n).
+inline void check_no_overlap(std::initializer_list<NamedList> written, std::initializer_list<NamedList> read) {
   struct Span {
     uintptr_t lo, hi;
     bool written;
+    const char* name;
     size_t index;
   };
   std::vector<Span> spans;
-  spans.reserve(written.size() + read.size());
-  auto add = [&spans](at::TensorList list, bool is_written) {
-    for (size_t i = 0; i < list.size(); ++i) {
-      const at::Tensor& t = list[i];
+  auto add = [&spans](const NamedList& named, bool is_written) {
+    for (size_t i = 0; i < named.list.size(); ++i) {
+      const at::Tensor& t = named.list[i];
       if (!t.defined() || t.numel() == 0) continue;
       uintptr_t lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
       uintptr_t hi = lo;
@@ -32,11 +37,11 @@ inline void check_no_overlap(at::TensorList written, const char* written_name, a
         const int64_t extent = (t.size(d) - 1) * t.stride(d) * item;
         if (extent < 0) lo -= static_cast<uintptr_t>(-extent); else hi += static_cast<uintptr_t>(extent);
       }
-      spans.push_back({lo, hi + static_cast<uintptr_t>(item), is_written, i});
+      spans.push_back({lo, hi + static_cast<uintptr_t>(item), is_written, named.name, i});
     }
   };
-  add(written, true);
-  add(read, false);
+  for (const NamedList& w : written) add(w, true);
+  for (const NamedList& r : read) add(r, false);
   std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
   uintptr_t end_any = 0, end_written = 0;
   const Span* last_any = nullptr;
@@ -45,12 +50,16 @@ inline void check_no_overlap(at::TensorList written, const char* written_name, a
     const Span* other = nullptr;
     if (s.written && last_any && s.lo < end_any) other = last_any;
     else if (last_written && s.lo < end_written) other = last_written;
-    TORCH_CHECK_VALUE(other == nullptr, s.written ? written_name : read_name, "[", s.index, "] shares memory with ",
-                      other->written ? written_name : read_name, "[", other->index,
-                      "]; in-place outputs must not alias any input");
+    TORCH_CHECK_VALUE(other == nullptr, s.name, "[", s.index, "] shares memory with ", other->name, "[",
+                      other->index, "]; in-place outputs must not alias any input");
     if (!last_any || s.hi > end_any) end_any = s.hi, last_any = &s;
     if (s.written && (!last_written || s.hi > end_written)) end_written = s.hi, last_written = &s;
   }
+}
+
+inline void check_no_overlap(at::TensorList written, const char* written_name, at::TensorList read,
+                             const char* read_name) {
+  check_no_overlap({{written, written_name}}, {{read, read_name}});
 }
 
 }  // namespace ntkcl_fast

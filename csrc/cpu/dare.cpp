@@ -1,8 +1,9 @@
 // CPU kernels of ntkcl_fast::dare_, dare_multi_ and magnitude_prune_.
 //
-// One parallel pass: each grain draws its Philox words for blocks of kBlock elements into a small
-// stack buffer (eight counters at a time, a loop the compiler vectorizes), then applies the
-// merge with fp32 math (fp64 for fp64), rounded once on store. Nothing is stored but the output.
+// One parallel pass over the chunk plan of the list (multi_tensor.h): each tile draws its Philox
+// words into a small stack buffer (eight counters at a time, a loop the compiler vectorizes),
+// then applies the merge with fp32 math (fp64 for fp64), rounded once on store. Nothing is
+// stored but the output. Minimum traffic: read finetuned (and base), write out.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +16,7 @@
 
 #include "../cuda/philox.h"
 #include "../dare_checks.h"
+#include "multi_tensor.h"
 
 namespace ntkcl_fast {
 namespace {
@@ -77,83 +79,72 @@ struct Job {
   uint64_t key;
 };
 
-template <typename T>
-void dare_span(const Job& job, int64_t lo, int64_t hi, uint64_t threshold, uint64_t seed) {
-  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  T* out = job.out->data_ptr<T>();
-  const T* f = job.finetuned->const_data_ptr<T>();
-  const T* b = job.base ? job.base->const_data_ptr<T>() : nullptr;
+// out[begin, end) of one job, begin a multiple of 4 (chunk and tile starts are): per tile, the
+// draws into a stack buffer, then the merge in Acc, rounded once on store.
+template <typename Acc>
+void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, uint64_t seed) {
+  static_assert(cpu::kTile == kBlock, "one draw buffer per tile");
   const Acc* qr = job.q_rows ? job.q_rows->const_data_ptr<Acc>() : nullptr;
   const int64_t inner = job.q_rows && job.out->size(0) ? job.out->numel() / job.out->size(0) : 0;
+  cpu::WriteTile<Acc> out_tile(*job.out);
+  cpu::ReadTile<Acc> f_tile(*job.finetuned);
+  std::optional<cpu::ReadTile<Acc>> b_tile;
+  if (job.base) b_tile.emplace(*job.base);
   alignas(64) uint32_t u[kBlock];
   alignas(64) uint8_t keep[kBlock];
-  for (int64_t blk = lo & ~int64_t{3}; blk < hi; blk += kBlock) {
-    const int64_t n = std::min<int64_t>(kBlock, hi - blk);
+  for (int64_t pos = begin; pos < end; pos += kBlock) {
+    const int64_t n = std::min<int64_t>(kBlock, end - pos);
     if (threshold == 0) {
       std::fill(keep, keep + n, uint8_t{1});
     } else if (threshold > 0xFFFFFFFFull) {
       std::fill(keep, keep + n, uint8_t{0});
     } else {
-      fill_draws(u, blk, n, job.key, seed);
+      fill_draws(u, pos, n, job.key, seed);
       const uint32_t t32 = static_cast<uint32_t>(threshold);
       for (int64_t i = 0; i < n; ++i) keep[i] = u[i] >= t32;
     }
-    const int64_t s = std::max(blk, lo);
-    for (int64_t i = s; i < blk + n;) {
-      // a run of one q: the whole block for scalar q, up to the next row boundary otherwise
-      int64_t e = blk + n;
+    // read before open: in place, out shares memory with finetuned or base
+    const Acc* f = f_tile.read(pos, n);
+    const Acc* b = b_tile ? b_tile->read(pos, n) : nullptr;
+    Acc* out = out_tile.open(pos);
+    for (int64_t i = 0; i < n;) {
+      // a run of one q: the whole tile for scalar q, up to the next row boundary otherwise
+      int64_t e = n;
       Acc q = static_cast<Acc>(job.q);
       if (qr) {
-        const int64_t row = i / inner;
+        const int64_t row = (pos + i) / inner;
         q = qr[row];
-        e = std::min(e, (row + 1) * inner);
+        e = std::min(e, (row + 1) * inner - pos);
       }
-      const uint8_t* k = keep;  // k[x - blk]: the keep flag of element x
       if (b) {
         for (int64_t x = i; x < e; ++x) {
-          const Acc bb = static_cast<Acc>(b[x]);
-          const Acc d = (static_cast<Acc>(f[x]) - bb) / q;
-          out[x] = static_cast<T>(k[x - blk] ? bb + d : bb);
+          const Acc d = (f[x] - b[x]) / q;
+          out[x] = keep[x] ? b[x] + d : b[x];
         }
       } else {
-        for (int64_t x = i; x < e; ++x) {
-          const Acc d = static_cast<Acc>(f[x]) / q;
-          out[x] = static_cast<T>(k[x - blk] ? d : Acc(0));
-        }
+        for (int64_t x = i; x < e; ++x) out[x] = keep[x] ? f[x] / q : Acc(0);
       }
       i = e;
     }
+    out_tile.store(pos, n);
   }
 }
 
 void run_jobs(const std::vector<Job>& jobs, uint64_t threshold, uint64_t seed) {
-  std::vector<int64_t> offset(jobs.size() + 1, 0);
-  for (size_t t = 0; t < jobs.size(); ++t) offset[t + 1] = offset[t] + jobs[t].out->numel();
-  constexpr int64_t kGrain = 1 << 15;
-  at::parallel_for(0, offset.back(), kGrain, [&](int64_t lo, int64_t hi) {
-    size_t t = std::upper_bound(offset.begin(), offset.end(), lo) - offset.begin() - 1;
-    for (int64_t pos = lo; pos < hi; ++t) {
-      const int64_t end = std::min(hi, offset[t + 1]);
-      if (end > pos) {
-        const Job& job = jobs[t];
-        const int64_t a = pos - offset[t], z = end - offset[t];
-        switch (job.out->scalar_type()) {
-          case at::kFloat: dare_span<float>(job, a, z, threshold, seed); break;
-          case at::kDouble: dare_span<double>(job, a, z, threshold, seed); break;
-          case at::kHalf: dare_span<at::Half>(job, a, z, threshold, seed); break;
-          case at::kBFloat16: dare_span<at::BFloat16>(job, a, z, threshold, seed); break;
-          default: TORCH_CHECK(false, "unreachable: dtype checked before");
-        }
-      }
-      pos = std::max(pos, end);
-    }
+  std::vector<at::Tensor> outs;
+  for (const Job& job : jobs) outs.push_back(*job.out);
+  cpu::ChunkPlan(outs).parallel_for([&](int64_t, const cpu::Chunk& c) {
+    const Job& job = jobs[c.tensor];
+    cpu::with_acc(job.out->scalar_type() == at::kDouble,
+                  [&](auto acc) { dare_chunk<decltype(acc)>(job, c.begin, c.end, threshold, seed); });
   });
 }
 
 void dare_cpu(const at::Tensor& out, const at::Tensor& finetuned, const std::optional<at::Tensor>& base,
               int64_t threshold, double q, const std::optional<at::Tensor>& q_rows, int64_t seed, int64_t key) {
   const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
-  check_dare_one(out, finetuned, b, threshold, q, q_rows, c10::DeviceType::CPU);
+  check_threshold(threshold);
+  check_dare_one(out, finetuned, b, q, q_rows, c10::DeviceType::CPU);
   const at::Tensor* qr = q_rows.has_value() && q_rows->defined() ? &*q_rows : nullptr;
   if (qr) {
     TORCH_CHECK_VALUE((*qr > 0).all().item<bool>(), "q_rows must be > 0");
@@ -164,12 +155,9 @@ void dare_cpu(const at::Tensor& out, const at::Tensor& finetuned, const std::opt
 
 void dare_multi_cpu(at::TensorList out, at::TensorList finetuned, at::TensorList base, int64_t threshold,
                     at::ArrayRef<double> q, int64_t seed, at::ArrayRef<int64_t> keys) {
-  TORCH_CHECK_VALUE(finetuned.size() == out.size() && base.size() == out.size() && q.size() == out.size() &&
-                        keys.size() == out.size(),
-                    "out, finetuned, base, q and keys must have the same length");
+  check_dare_multi_args(out, finetuned, base, threshold, q, keys, c10::DeviceType::CPU);
   std::vector<Job> jobs;
   for (size_t i = 0; i < out.size(); ++i) {
-    check_dare_one(out[i], finetuned[i], &base[i], threshold, q[i], std::nullopt, c10::DeviceType::CPU);
     jobs.push_back(Job{&out[i], &finetuned[i], &base[i], q[i], nullptr, static_cast<uint64_t>(keys[i])});
   }
   run_jobs(jobs, static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed));
@@ -208,17 +196,12 @@ void prune_typed(at::Tensor& delta, int64_t k) {
 }
 
 void magnitude_prune_cpu(const at::Tensor& delta, int64_t k) {
-  TORCH_CHECK_TYPE(is_supported_float(delta.scalar_type()), "delta must be fp16/bf16/fp32/fp64");
+  check_float(delta, Arg{"delta"});
+  check_writable(delta, Arg{"delta"});
   TORCH_CHECK_VALUE(delta.is_contiguous(), "delta must be contiguous");
   TORCH_CHECK_VALUE(k >= 0 && k <= delta.numel(), "k must be in [0, numel]");
   at::Tensor d = delta;
-  switch (delta.scalar_type()) {
-    case at::kFloat: return prune_typed<float>(d, k);
-    case at::kDouble: return prune_typed<double>(d, k);
-    case at::kHalf: return prune_typed<at::Half>(d, k);
-    case at::kBFloat16: return prune_typed<at::BFloat16>(d, k);
-    default: TORCH_CHECK(false, "unreachable");
-  }
+  cpu::visit_float(delta.scalar_type(), [&](auto v) { prune_typed<decltype(v)>(d, k); });
 }
 
 }  // namespace

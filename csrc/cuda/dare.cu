@@ -12,13 +12,11 @@
 
 #include "../dare_checks.h"
 #include "multi_tensor_apply.cuh"
+#include "pack.cuh"
 #include "philox.h"
 
 namespace ntkcl_fast {
 namespace {
-
-using mta::kVec;
-using mta::Pack;
 
 // Per-tensor scalars of the launch table.
 struct DareScalar {
@@ -29,6 +27,8 @@ struct DareScalar {
 };
 using DareTable = mta::Table<3, DareScalar>;
 
+// Table lists: 0 out, 1 finetuned, 2 base (finetuned again in delta mode, never read); all of
+// one dtype.
 struct DareFunctor {
   uint64_t threshold;
   uint64_t seed;
@@ -41,67 +41,46 @@ struct DareFunctor {
     return q_rows ? static_cast<const Acc*>(q_rows)[i / inner] : q;
   }
 
-  template <typename Acc>
-  __device__ __forceinline__ Acc merge(bool keep, Acc f, Acc b, Acc q) const {
-    if (has_base) return keep ? b + (f - b) / q : b;
-    return keep ? f / q : Acc(0);
-  }
-
-  template <typename T>
-  __device__ __forceinline__ void chunk(const DareTable& table, int t, int64_t begin, int64_t end) const {
-    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-    T* out = static_cast<T*>(table.ptr[0][t]);
-    const T* fin = static_cast<const T*>(table.ptr[1][t]);
-    const T* base = static_cast<const T*>(table.ptr[2][t]);
-    const uint64_t key = table.scalar[t].key;
-    const Acc q0 = static_cast<Acc>(table.scalar[t].q);
-    int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec;
-    if (mta::pack_aligned<T>(out) && mta::pack_aligned<T>(fin) && mta::pack_aligned<T>(base)) {
-      for (; i + kVec <= end; i += static_cast<int64_t>(blockDim.x) * kVec) {
-        const uint64_t j = static_cast<uint64_t>(i) >> 2;  // i is a multiple of 8
-        const philox::U4 a = philox::dare_draws(j, key, seed);
-        const philox::U4 c = philox::dare_draws(j + 1, key, seed);
-        const Pack<T> f = *reinterpret_cast<const Pack<T>*>(fin + i);
-        Pack<T> b;
-        if (has_base) b = *reinterpret_cast<const Pack<T>*>(base + i);
-        Pack<T> o;
-        Acc q = row_q<Acc>(i, q0);
-        const bool one_row = q_rows == nullptr || (i / inner) == ((i + kVec - 1) / inner);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const uint32_t u = k < 4 ? a.v[k] : c.v[k - 4];
-          const Acc qk = one_row ? q : row_q<Acc>(i + k, q0);
-          o.v[k] = static_cast<T>(merge<Acc>(philox::kept(u, threshold), static_cast<Acc>(f.v[k]),
-                                             has_base ? static_cast<Acc>(b.v[k]) : Acc(0), qk));
-        }
-        *reinterpret_cast<Pack<T>*>(out + i) = o;
-      }
-      i = end - (end - begin) % kVec + threadIdx.x;  // the chunk's tail; begin is a multiple of kVec
-    } else {
-      i = begin + threadIdx.x;
-    }
-    for (; i < end; i += blockDim.x) {
-      const philox::U4 w = philox::dare_draws(static_cast<uint64_t>(i) >> 2, key, seed);
-      const Acc b = has_base ? static_cast<Acc>(base[i]) : Acc(0);
-      out[i] = static_cast<T>(merge<Acc>(philox::kept(w.v[i & 3], threshold), static_cast<Acc>(fin[i]), b,
-                                         row_q<Acc>(i, q0)));
-    }
-  }
-
   __device__ __forceinline__ void operator()(const DareTable& table, int t, int64_t begin, int64_t end) const {
-    switch (table.dtype[0][t]) {
-      case mta::kF32: return chunk<float>(table, t, begin, end);
-      case mta::kF16: return chunk<at::Half>(table, t, begin, end);
-      case mta::kBF16: return chunk<at::BFloat16>(table, t, begin, end);
-      default: return chunk<double>(table, t, begin, end);
-    }
+    const uint64_t key = table.scalar[t].key;
+    mta::visit_dtype(table.dtype[0][t], [&](auto type) {
+      using T = decltype(type);
+      using Acc = mta::AccOf<T>;
+      const Acc q0 = static_cast<Acc>(table.scalar[t].q);
+      // lanes == kVec: i is a multiple of 8, two Philox calls give the 8 draws; else one element
+      const auto op = [&](int64_t i, auto lanes, Acc* out, Acc* f, Acc* b) {
+        constexpr int kLanes = decltype(lanes)::value;
+        uint32_t u[kLanes];
+        if constexpr (kLanes == mta::kVec) {
+          const philox::U4 lo = philox::dare_draws(static_cast<uint64_t>(i) >> 2, key, seed);
+          const philox::U4 hi = philox::dare_draws((static_cast<uint64_t>(i) >> 2) + 1, key, seed);
+#pragma unroll
+          for (int k = 0; k < kLanes; ++k) u[k] = k < 4 ? lo.v[k] : hi.v[k - 4];
+        } else {
+          u[0] = philox::dare_draws(static_cast<uint64_t>(i) >> 2, key, seed).v[i & 3];
+        }
+        const Acc q = row_q<Acc>(i, q0);
+        const bool one_row = q_rows == nullptr || (i / inner) == ((i + kLanes - 1) / inner);
+#pragma unroll
+        for (int k = 0; k < kLanes; ++k) {
+          const Acc qk = one_row ? q : row_q<Acc>(i + k, q0);
+          const bool keep = philox::kept(u[k], threshold);
+          out[k] = has_base ? (keep ? b[k] + (f[k] - b[k]) / qk : b[k]) : (keep ? f[k] / qk : Acc(0));
+        }
+      };
+      // in place (out == finetuned or base) is fine: for_each_pack reads every operand first
+      mta::for_each_pack<Acc>(begin, end, op, mta::writes(mta::list_ptr<T>(table, 0, t)),
+                              mta::reads(mta::list_ptr<const T>(table, 1, t)),
+                              mta::reads(has_base ? mta::list_ptr<const T>(table, 2, t) : nullptr));
+    });
   }
 };
 
 void dare_cuda(const at::Tensor& out, const at::Tensor& finetuned, const std::optional<at::Tensor>& base,
                int64_t threshold, double q, const std::optional<at::Tensor>& q_rows, int64_t seed, int64_t key) {
   const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
-  check_dare_one(out, finetuned, b, threshold, q, q_rows, c10::DeviceType::CUDA);
+  check_threshold(threshold);
+  check_dare_one(out, finetuned, b, q, q_rows, c10::DeviceType::CUDA);
   if (out.numel() == 0) return;
   const bool rows = q_rows.has_value() && q_rows->defined();
   const DareFunctor functor{static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed), b != nullptr,
@@ -114,16 +93,9 @@ void dare_cuda(const at::Tensor& out, const at::Tensor& finetuned, const std::op
 
 void dare_multi_cuda(at::TensorList out, at::TensorList finetuned, at::TensorList base, int64_t threshold,
                      at::ArrayRef<double> q, int64_t seed, at::ArrayRef<int64_t> keys) {
-  TORCH_CHECK_VALUE(finetuned.size() == out.size() && base.size() == out.size() && q.size() == out.size() &&
-                        keys.size() == out.size(),
-                    "out, finetuned, base, q and keys must have the same length");
+  check_dare_multi_args(out, finetuned, base, threshold, q, keys, c10::DeviceType::CUDA);
   std::vector<DareScalar> scalars;
-  for (size_t i = 0; i < out.size(); ++i) {
-    check_dare_one(out[i], finetuned[i], &base[i], threshold, q[i], std::nullopt, c10::DeviceType::CUDA);
-    TORCH_CHECK_VALUE(out[i].device() == out[0].device(), "out[", i, "] is on ", out[i].device(), ", out[0] on ",
-                      out[0].device(), ": one call takes tensors of one device");
-    scalars.emplace_back(q[i], static_cast<uint64_t>(keys[i]));
-  }
+  for (size_t i = 0; i < out.size(); ++i) scalars.emplace_back(q[i], static_cast<uint64_t>(keys[i]));
   const DareFunctor functor{static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed), true, nullptr, 1};
   mta::multi_tensor_apply<3, DareScalar>({out, finetuned, base}, scalars, functor);
 }
@@ -131,7 +103,8 @@ void dare_multi_cuda(at::TensorList out, at::TensorList finetuned, at::TensorLis
 // Exact k through ATen's radix select (kthvalue), then the ties at the k-th magnitude are kept in
 // index order (a cumulative count) until k entries are kept; no host sync, no full sort.
 void magnitude_prune_cuda(const at::Tensor& delta, int64_t k) {
-  TORCH_CHECK_TYPE(is_supported_float(delta.scalar_type()), "delta must be fp16/bf16/fp32/fp64");
+  check_float(delta, Arg{"delta"});
+  check_writable(delta, Arg{"delta"});
   TORCH_CHECK_VALUE(delta.is_contiguous(), "delta must be contiguous");
   const int64_t n = delta.numel();
   TORCH_CHECK_VALUE(k >= 0 && k <= n, "k must be in [0, numel]");

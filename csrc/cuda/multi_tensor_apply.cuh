@@ -25,7 +25,7 @@ constexpr int kMaxTensors = 384;
 #else
 constexpr int kMaxTensors = 72;
 #endif
-constexpr int64_t kChunk = 16384;  // elements per block, a multiple of every vector width
+constexpr int64_t kChunk = 16384;  // elements per block, a multiple of every pack width (pack.cuh)
 constexpr int kBlock = 256;
 
 enum DType : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
@@ -118,18 +118,6 @@ void multi_tensor_apply(const std::array<at::TensorList, Depth>& lists, const st
         <<<blocks, kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(table, functor);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-// Eight elements per access: 16 bytes for 2-byte dtypes, 2 x 16 bytes for fp32, 4 x 16 for fp64.
-constexpr int kVec = 8;
-template <typename T>
-struct alignas(kVec * sizeof(T)) Pack {
-  T v[kVec];
-};
-
-template <typename T>
-__device__ __forceinline__ bool pack_aligned(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
 }
 
 }  // namespace mta
