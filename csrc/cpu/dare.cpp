@@ -163,8 +163,20 @@ void dare_multi_cpu(at::TensorList out, at::TensorList finetuned, at::TensorList
   run_jobs(jobs, static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed));
 }
 
-// Exact k by selection, not a sort: nth_element finds the k-th largest magnitude, then the ties at
-// that magnitude are kept in index order until k entries are kept.
+// Magnitude order with NaN above every number, as a descending torch.sort ranks it (API.md: NaN
+// entries are kept first); all NaNs rank equal. A strict weak order, so nth_element may use it.
+template <typename A>
+bool ranks_above(A a, A b) {
+  return std::isnan(a) ? !std::isnan(b) : a > b;
+}
+
+template <typename A>
+bool same_rank(A a, A b) {
+  return std::isnan(a) ? std::isnan(b) : a == b;
+}
+
+// Exact k by selection, not a sort: nth_element finds the k-th ranked magnitude, then the ties at
+// that rank are kept in index order until k entries are kept.
 template <typename T>
 void prune_typed(at::Tensor& delta, int64_t k) {
   T* d = delta.data_ptr<T>();
@@ -179,15 +191,15 @@ void prune_typed(at::Tensor& delta, int64_t k) {
   at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) mag[i] = std::abs(static_cast<Acc>(d[i]));
   });
-  std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), std::greater<Acc>());
+  std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), ranks_above<Acc>);
   const Acc kth = mag[k - 1];
   int64_t greater = 0;
-  for (int64_t i = 0; i < n; ++i) greater += std::abs(static_cast<Acc>(d[i])) > kth;
+  for (int64_t i = 0; i < n; ++i) greater += ranks_above(std::abs(static_cast<Acc>(d[i])), kth);
   int64_t room = k - greater;
   for (int64_t i = 0; i < n; ++i) {
     const Acc m = std::abs(static_cast<Acc>(d[i]));
-    if (m > kth) continue;
-    if (m == kth && room > 0) {
+    if (ranks_above(m, kth)) continue;
+    if (same_rank(m, kth) && room > 0) {
       --room;
       continue;
     }

@@ -8,6 +8,7 @@
 // (out == finetuned or out == base) is fine: every element is read before it is written, by
 // the same thread. Nothing but the output is written: no mask, no temporaries.
 #include <ATen/ATen.h>
+#include <limits>
 #include <torch/library.h>
 
 #include "../dare_checks.h"
@@ -116,9 +117,15 @@ void magnitude_prune_cuda(const at::Tensor& delta, int64_t k) {
   }
   at::Tensor mag = flat.abs();
   if (mag.scalar_type() != at::kDouble) mag = mag.to(at::kFloat);
-  const at::Tensor kth = std::get<0>(at::kthvalue(mag, n - k + 1));
-  const at::Tensor greater = mag > kth;
-  const at::Tensor ties = mag == kth;
+  // Rank keys: the bits of a non-negative float order as its value does, and one canonical NaN
+  // pattern sits above +inf, so NaN entries rank first and equal, as in a descending torch.sort
+  // (API.md); integer keys keep the selection free of any NaN convention of kthvalue.
+  const bool wide = mag.scalar_type() == at::kDouble;
+  const at::Tensor key = at::where(mag.isnan(), std::numeric_limits<double>::quiet_NaN(), mag)
+                             .view(wide ? at::kLong : at::kInt);
+  const at::Tensor kth = std::get<0>(at::kthvalue(key, n - k + 1));
+  const at::Tensor greater = key > kth;
+  const at::Tensor ties = key == kth;
   const at::Tensor room = k - greater.sum();
   const at::Tensor keep = greater.logical_or(ties.logical_and(ties.cumsum(0) <= room));
   flat.masked_fill_(keep.logical_not(), 0);
