@@ -75,25 +75,7 @@ def no_overlap(written: list[torch.Tensor], w_name: str, read: list[torch.Tensor
     torch.compile traces with) have no addresses to compare and are not checked here; the
     compiled kernels repeat the check on the real tensors before they write.
     """
-    if torch.compiler.is_compiling():
-        return
-    spans = []
-    for name, tensors, is_written in ((w_name, written, True), (r_name, read, False)):
-        for i, t in enumerate(tensors):
-            if t.numel() and t.device.type != "meta":
-                lo, hi = _byte_range(t)
-                spans.append((lo, hi, is_written, f"{name}[{i}]"))
-    spans.sort(key=lambda s: s[0])
-    end_any = end_written = -1
-    last_any = last_written = ""
-    for lo, hi, is_written, label in spans:
-        other = last_any if is_written and lo < end_any else (last_written if lo < end_written else None)
-        if other:
-            raise ValueError(f"{label} shares memory with {other}; in-place outputs must not alias any input")
-        if hi > end_any:
-            end_any, last_any = hi, label
-        if is_written and hi > end_written:
-            end_written, last_written = hi, label
+    no_overlap_labeled([(w_name, None, written)], [(r_name, None, read)])
 
 
 def no_broadcast_outputs(tensors: list[torch.Tensor], name: str) -> None:

@@ -97,10 +97,6 @@ def _resolve(backend, device: torch.device, op: str, tensors=()) -> str:
     return name
 
 
-def _op(name: str, op: str):
-    return _backend.kernel(name, op)
-
-
 # ----------------------------------------------------------------------------- public API
 
 def feature_orthogonality(features, prototypes, *, normalize: bool = True, reduction: str = "mean",
@@ -120,8 +116,8 @@ def feature_orthogonality(features, prototypes, *, normalize: bool = True, reduc
         return _zero(device, _out_dtype(features, prototypes), features, prototypes)
     if name == "torch":
         return reference.feature_orthogonality(features, prototypes, normalize, reduction)
-    return _op(name, "feature_orthogonality")(features.contiguous(), prototypes.contiguous(), normalize,
-                                              reduction == "mean")[0]
+    op = _backend.kernel(name, "feature_orthogonality")
+    return op(features.contiguous(), prototypes.contiguous(), normalize, reduction == "mean")[0]
 
 
 def prototype_basis(prototypes, rank: int) -> torch.Tensor:
@@ -158,8 +154,8 @@ def projection_residual(features, basis, *, normalize: bool = True, reduction: s
         return _zero(device, _out_dtype(features, basis), features, basis)
     if name == "torch":
         return reference.projection_residual(features, basis, normalize, reduction)
-    return _op(name, "projection_residual")(features.contiguous(), basis.contiguous(), normalize,
-                                            reduction == "sumsq")
+    op = _backend.kernel(name, "projection_residual")
+    return op(features.contiguous(), basis.contiguous(), normalize, reduction == "sumsq")
 
 
 def gram_orthogonality(weights, *, reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
@@ -176,7 +172,7 @@ def gram_orthogonality(weights, *, reduction: str = "mean", backend: str = "auto
         return _zero(device, dtype, *weights)
     if name == "torch":
         return reference.gram_orthogonality(weights, reduction).to(dtype)
-    out = _op(name, "gram_orthogonality")([w.contiguous() for w in live], reduction == "mean")[0]
+    out = _backend.kernel(name, "gram_orthogonality")([w.contiguous() for w in live], reduction == "mean")[0]
     return out if len(live) == len(weights) else out + _zero(device, dtype, *weights)
 
 
@@ -193,8 +189,8 @@ def cross_orthogonality(old, new, *, norm: str = "l1", backend: str = "auto") ->
         return _zero(device, dtype, *old, *new)
     if name == "torch":
         return reference.cross_orthogonality(old, new, norm).to(dtype)
-    out = _op(name, "cross_orthogonality")([old[i].contiguous() for i in keep], [new[i].contiguous() for i in keep],
-                                           norm == "l1")[0]
+    op = _backend.kernel(name, "cross_orthogonality")
+    out = op([old[i].contiguous() for i in keep], [new[i].contiguous() for i in keep], norm == "l1")[0]
     return out if len(keep) == len(old) else out + _zero(device, dtype, *old, *new)
 
 
@@ -218,7 +214,7 @@ def ntkcl_contrastive(features, labels, *, temperature: float = 0.1, backend: st
     name = _resolve(backend, device, "ntkcl_contrastive")
     if name == "torch" or features.shape[0] == 0:
         return reference.ntkcl_contrastive(features, labels, temperature)
-    return _op(name, "ntkcl_contrastive")(features.contiguous(), labels.contiguous(), temperature)[0]
+    return _backend.kernel(name, "ntkcl_contrastive")(features.contiguous(), labels.contiguous(), temperature)[0]
 
 
 from .modules import (CrossOrthogonality, FeatureOrthogonality, GramOrthogonality,  # noqa: E402
