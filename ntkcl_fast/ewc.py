@@ -61,6 +61,9 @@ class EWC:
     - `labels`: ``"true"`` (empirical Fisher), ``"argmax"`` (the model's prediction) or
       ``"expected"`` (the true Fisher: every class weighted by its predicted probability).
     - `per_sample`: per-sample gradients with torch.func instead of one gradient per batch.
+    - A selected parameter that grows along one dimension (a classifier head that gains classes,
+      as Avalanche's `IncrementalClassifier`) keeps its terms: the stored anchors and importances
+      are padded with zeros to the new shape, as Avalanche's `ParamData.expand` does.
     """
 
     def __init__(self, model: torch.nn.Module, *, lam: float = 1.0, params=None, mode: str | None = None,
@@ -131,7 +134,18 @@ class EWC:
         imp = [torch.full_like(p, importance, dtype=torch.float32) for p in params]
         self.l2sp = (anchors, imp)
 
+    def _grown(self, params) -> None:
+        """Pads every stored anchor and importance with zeros to its parameter's current shape, as
+        Avalanche's `ParamData.expand` does when a classifier head grows: the new rows carry no
+        importance, so they are not pulled. One dimension may grow; none may shrink."""
+        for term in self._all_terms():
+            for store in term:
+                for i, (p, t) in enumerate(zip(params, store)):
+                    if t.shape != p.shape:
+                        store[i] = _expand(t, p.shape, self.names[i])
+
     def _add_term(self, anchors, importance, *, decay: float | None = None) -> None:
+        self._grown(self.parameters())
         if self.mode == "separate" or not self.terms:
             if self.mode == "online":
                 self.terms = [(anchors, importance)]
@@ -233,6 +247,7 @@ class EWC:
     # ------------------------------------------------------------------ penalty
     def _lists(self):
         params = self.parameters()
+        self._grown(params)
         p, a, f = [], [], []
         for anchors, importance in self._all_terms():
             p += params
@@ -260,3 +275,13 @@ class EWC:
     def _device(self) -> torch.device:
         params = self.parameters()
         return params[0].device if params else torch.device("cpu")
+
+
+def _expand(t: torch.Tensor, shape: torch.Size, name: str) -> torch.Tensor:
+    grown = [d for d, (new, old) in enumerate(zip(shape, t.shape)) if new != old]
+    if len(shape) != t.dim() or len(grown) > 1 or any(new < old for new, old in zip(shape, t.shape)):
+        raise ValueError(f"parameter {name!r} changed shape from {tuple(t.shape)} to {tuple(shape)}: EWC follows "
+                         f"a parameter that grows along one dimension (a classifier head), not other changes")
+    out = t.new_zeros(shape)
+    out[tuple(slice(n) for n in t.shape)] = t
+    return out

@@ -350,3 +350,64 @@ def test_penalty_and_penalty_grad_compile_to_eager(backend):
             torch.testing.assert_close(a, b)
         else:
             assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- a growing classifier head
+
+def _avalanche_expand(t, shape):
+    """Avalanche's `ParamData.expand` with its default zeros padding (one growing dimension)."""
+    grown = [i for i, (new, old) in enumerate(zip(shape, t.shape)) if new > old]
+    if not grown:
+        return t
+    out = torch.zeros(shape, dtype=t.dtype)
+    out[[slice(n) if i != grown[0] else slice(t.shape[i]) for i, n in enumerate(shape)]] = t
+    return out
+
+
+def _grow_head(model, classes, seed):
+    """Replace the last Linear by one with more outputs, keeping the old rows (IncrementalClassifier)."""
+    old = model[2]
+    torch.manual_seed(seed)
+    new = torch.nn.Linear(old.in_features, classes).double()
+    with torch.no_grad():
+        new.weight[: old.out_features] = old.weight
+        new.bias[: old.out_features] = old.bias
+    model[2] = new
+
+
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_avalanche_head_growth_pads_importance_with_zeros(mode):
+    model = _model()
+    ewc = EWC(model, lam=0.7, convention="avalanche", mode=mode, decay=0.5)
+    b1 = _batches(1)
+    imp1, anc1 = avalanche_importance(model, b1), _snapshot(model)
+    ewc.consolidate(b1)
+    _grow_head(model, 5, seed=9)
+    _perturb(model, 3)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    grown = [tuple({n: _avalanche_expand(v, shapes[n]) for n, v in d.items()} for d in (anc1, imp1))]
+    _close(ewc.penalty(), _penalty(model, grown, 0.7))
+    b2 = [(x, y + 2) for x, y in _batches(2)]  # the new classes
+    imp2, anc2 = avalanche_importance(model, b2), _snapshot(model)
+    ewc.consolidate(b2)
+    _perturb(model, 4)
+    if mode == "separate":
+        terms = grown + [(anc2, imp2)]
+    else:
+        terms = [(anc2, {n: 0.5 * grown[0][1][n] + imp2[n] for n in imp2})]
+    _close(ewc.penalty(), _penalty(model, terms, 0.7))
+    for p in model.parameters():
+        p.grad = None
+    want = torch.autograd.grad(_penalty(model, terms, 0.7), list(model.parameters()))
+    ewc.penalty_grad_()
+    for p, g in zip(model.parameters(), want):
+        _close(p.grad, g)
+
+
+def test_head_shrink_or_reshape_raises_naming_the_parameter():
+    model = _model()
+    ewc = EWC(model)
+    ewc.consolidate(_batches(1))
+    model[2] = torch.nn.Linear(8, 2).double()
+    with pytest.raises(ValueError, match=r"'2\.weight' changed shape"):
+        ewc.penalty()

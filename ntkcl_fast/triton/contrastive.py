@@ -138,9 +138,9 @@ def _nc_lse_kernel(f_ptr, y_ptr, inv_ptr, stats_ptr, s_ptr, N, D, inv_t: tl.floa
     # row max, before anything is rounded. m = -inf marks a row with no entry (log s is then 0).
     live = rows < N
     tl.store(stats_ptr + rows, m_row, mask=live)
-    tl.store(stats_ptr + N + rows, tl.log(tl.where(s_row > 0.0, s_row, 1.0)), mask=live)
+    tl.store(stats_ptr + N + rows, tl.log(tl.where(s_row == 0.0, 1.0, s_row)), mask=live)
     tl.store(stats_ptr + 2 * N + rows, m_pos, mask=live)
-    tl.store(stats_ptr + 3 * N + rows, tl.log(tl.where(s_pos > 0.0, s_pos, 1.0)), mask=live)
+    tl.store(stats_ptr + 3 * N + rows, tl.log(tl.where(s_pos == 0.0, 1.0, s_pos)), mask=live)
 
 
 @triton.jit
@@ -161,7 +161,7 @@ def _pos_total(stats_ptr, N, FB: tl.constexpr, FT: tl.constexpr):
         ls_i = tl.load(stats_ptr + 3 * N + i, mask=i < N, other=0.0)
         acc += tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - base + ls_i))
     total = tl.sum(acc, axis=0)
-    return top, tl.log(tl.where(total > 0.0, total, 1.0))
+    return top, tl.log(tl.where(total == 0.0, 1.0, total))
 
 
 @triton.jit

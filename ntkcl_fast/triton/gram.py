@@ -107,7 +107,10 @@ def _gram_tiles_kernel(table, count, partials, d_gram, MEAN: tl.constexpr, W: tl
     tj = k - ti * (ti + 1) // 2
     rows = ti * BT + tl.arange(0, BT)
     cols = tj * BT + tl.arange(0, BT)
-    e = _product_tile(w, w, rows, cols, n, n, d, BT, BK)
+    valid = (rows[:, None] < n) & (cols[None, :] < n)
+    # Outside the layer the tile is zero rows times real rows: 0 * inf = NaN where a weight is
+    # infinite, so the padding is masked out rather than trusted to be 0.
+    e = tl.where(valid, _product_tile(w, w, rows, cols, n, n, d, BT, BK), 0.0)
     e = e - tl.where((rows[:, None] == cols[None, :]) & (rows[:, None] < n), 1.0, 0.0)
     if MEAN:
         nf = n.to(tl.float32)
@@ -118,7 +121,6 @@ def _gram_tiles_kernel(table, count, partials, d_gram, MEAN: tl.constexpr, W: tl
     tl.store(partials + pid, tl.sum(tl.sum(e * e, axis=1), axis=0) * weight)
     e = e * (4.0 * coef)
     block = d_gram + tl.load(table + 3 * count + t)
-    valid = (rows[:, None] < n) & (cols[None, :] < n)
     tl.store(block + rows[:, None] * n + cols[None, :], e, mask=valid)
     # G is symmetric: the tile above the diagonal is this one transposed (same values, swapped addresses)
     if ti != tj:  # a branch, not a mask term: Triton 3.9's interpreter widens `mask & scalar` to int64
@@ -142,7 +144,8 @@ def _cross_tiles_kernel(table, count, partials, d_products, L1: tl.constexpr, A:
     tiles_s = tl.cdiv(s, BT)
     rows = (k // tiles_s) * BT + tl.arange(0, BT)
     cols = (k % tiles_s) * BT + tl.arange(0, BT)
-    p = _product_tile(a, b, rows, cols, r, s, d, BT, BK)
+    valid = (rows[:, None] < r) & (cols[None, :] < s)
+    p = tl.where(valid, _product_tile(a, b, rows, cols, r, s, d, BT, BK), 0.0)  # padding: see the gram kernel
     if L1:
         v = tl.abs(p)
         m = tl.where(p > 0, 1.0, tl.where(p < 0, -1.0, 0.0))
@@ -151,7 +154,7 @@ def _cross_tiles_kernel(table, count, partials, d_products, L1: tl.constexpr, A:
         m = p * 2.0
     tl.store(partials + pid, tl.sum(tl.sum(v, axis=1), axis=0))
     block = d_products + tl.load(table + 5 * count + t)
-    tl.store(block + rows[:, None] * s + cols[None, :], m, mask=(rows[:, None] < r) & (cols[None, :] < s))
+    tl.store(block + rows[:, None] * s + cols[None, :], m, mask=valid)
 
 
 @triton.jit

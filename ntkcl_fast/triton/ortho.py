@@ -108,8 +108,8 @@ def _fo_grad_x_kernel(g_ptr, g_stride_r, g_stride_c, y_ptr, x_ptr, out_ptr, rowd
 def _check(*tensors):
     for t in tensors:
         if t.dtype == torch.float64:
-            raise TypeError("the triton backend of the ortho losses runs fp16/bf16/fp32 inputs; "
-                            "use backend='cpu'/'cuda'/'torch' for fp64")
+            raise RuntimeError("the triton backend of the ortho losses runs fp16/bf16/fp32 inputs, not fp64; "
+                               "use backend='cpu'/'cuda'/'torch' (or 'auto') for fp64")
 
 
 def _inverse(norm: torch.Tensor) -> torch.Tensor:
