@@ -91,8 +91,9 @@ for _ns in _NAMESPACES:
     torch.library.register_fake(f"{_ns}::l2_penalty", _l2_fake)
     torch.library.register_fake(f"{_ns}::l2_penalty_grad_", _l2_grad_fake)
     torch.library.register_fake(f"{_ns}::fisher_accumulate_", _fisher_fake)
-    torch.library.register_autograd(f"{_ns}::l2_penalty", _l2_backward(getattr(torch.ops, _ns).l2_penalty_grad_),
-                                    setup_context=_l2_setup_context)
+    if _ns != "ntkcl_fast":  # the compiled op has a C++ autograd kernel, csrc/list_autograd.cpp
+        torch.library.register_autograd(f"{_ns}::l2_penalty", _l2_backward(getattr(torch.ops, _ns).l2_penalty_grad_),
+                                        setup_context=_l2_setup_context)
 
 
 # ---------------------------------------------------------------- argument checks (one place)

@@ -1,11 +1,13 @@
 // CPU kernels of ntkcl_fast::dare_, dare_multi_ and magnitude_prune_.
 //
 // One parallel pass over the chunk plan of the list (multi_tensor.h): each tile draws its Philox
-// words into a small stack buffer (eight counters at a time, a loop the compiler vectorizes),
+// words into a small stack buffer (16 or 32 counters at a time in AVX2 / AVX-512 registers,
+// philox_simd.h),
 // then applies the merge with fp32 math (fp64 for fp64), rounded once on store. Nothing is
 // stored but the output. Minimum traffic: read finetuned (and base), write out.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,6 +18,7 @@
 
 #include "../cuda/philox.h"
 #include "../dare_checks.h"
+#include "philox_simd.h"
 #include "multi_tensor.h"
 
 namespace ntkcl_fast {
@@ -30,6 +33,14 @@ void fill_draws(uint32_t* u, int64_t start, int64_t n, uint64_t key, uint64_t se
   const int64_t groups = (n + 3) / 4;
   int64_t g = 0;
   const uint32_t kk0 = static_cast<uint32_t>(key), kk1 = static_cast<uint32_t>(key >> 32);
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (philox::avx512::available()) {
+    for (; g + 32 <= groups; g += 32) philox::avx512::draws32(j0 + g, key, seed, u + 4 * g);
+  }
+#endif
+#if defined(__AVX2__)
+  for (; g + 16 <= groups; g += 16) philox::avx2::draws16(j0 + g, key, seed, u + 4 * g);
+#endif
   for (; g + kLanes <= groups; g += kLanes) {
     uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
     for (int l = 0; l < kLanes; ++l) {
@@ -79,11 +90,43 @@ struct Job {
   uint64_t key;
 };
 
+// Lane masks of the keep rule, one per element, as wide as Acc: all ones = kept. Integer lanes of
+// the value's width let the merge be one vector blend (the compare loop vectorizes on its own).
+template <typename Acc>
+using KeepMask = std::conditional_t<std::is_same_v<Acc, double>, uint64_t, uint32_t>;
+
+// out[i, e) <- keep ? base + (f - base) / q : base (with base), keep ? f / q : 0 (delta mode).
+// Vector lanes compute exactly what the scalar tail computes (IEEE division, one rounding each),
+// so every element is bit-identical to the other backends whichever path it takes.
+template <typename Acc>
+void merge_run(const Acc* f, const Acc* b, const KeepMask<Acc>* keep, Acc q, Acc* out, int64_t i, int64_t e) {
+  using V = at::vec::Vectorized<Acc>;
+  const V vq(q);
+  int64_t x = i;
+  for (; x + V::size() <= e; x += V::size()) {
+    const V vf = V::loadu(f + x), mask = V::loadu(keep + x);
+    if (b) {
+      const V vb = V::loadu(b + x);
+      V::blendv(vb, vb + (vf - vb) / vq, mask).store(out + x);
+    } else {
+      V::blendv(V(Acc(0)), vf / vq, mask).store(out + x);
+    }
+  }
+  for (; x < e; ++x) {
+    if (b) {
+      out[x] = keep[x] ? b[x] + (f[x] - b[x]) / q : b[x];
+    } else {
+      out[x] = keep[x] ? f[x] / q : Acc(0);
+    }
+  }
+}
+
 // out[begin, end) of one job, begin a multiple of 4 (chunk and tile starts are): per tile, the
 // draws into a stack buffer, then the merge in Acc, rounded once on store.
 template <typename Acc>
 void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, uint64_t seed) {
   static_assert(cpu::kTile == kBlock, "one draw buffer per tile");
+  using Mask = KeepMask<Acc>;
   const Acc* qr = job.q_rows ? job.q_rows->const_data_ptr<Acc>() : nullptr;
   const int64_t inner = job.q_rows && job.out->size(0) ? job.out->numel() / job.out->size(0) : 0;
   cpu::WriteTile<Acc> out_tile(*job.out);
@@ -91,17 +134,17 @@ void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, 
   std::optional<cpu::ReadTile<Acc>> b_tile;
   if (job.base) b_tile.emplace(*job.base);
   alignas(64) uint32_t u[kBlock];
-  alignas(64) uint8_t keep[kBlock];
+  alignas(64) Mask keep[kBlock];
   for (int64_t pos = begin; pos < end; pos += kBlock) {
     const int64_t n = std::min<int64_t>(kBlock, end - pos);
     if (threshold == 0) {
-      std::fill(keep, keep + n, uint8_t{1});
+      std::fill(keep, keep + n, ~Mask{0});
     } else if (threshold > 0xFFFFFFFFull) {
-      std::fill(keep, keep + n, uint8_t{0});
+      std::fill(keep, keep + n, Mask{0});
     } else {
       fill_draws(u, pos, n, job.key, seed);
       const uint32_t t32 = static_cast<uint32_t>(threshold);
-      for (int64_t i = 0; i < n; ++i) keep[i] = u[i] >= t32;
+      for (int64_t i = 0; i < n; ++i) keep[i] = u[i] >= t32 ? ~Mask{0} : Mask{0};
     }
     // read before open: in place, out shares memory with finetuned or base
     const Acc* f = f_tile.read(pos, n);
@@ -116,14 +159,7 @@ void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, 
         q = qr[row];
         e = std::min(e, (row + 1) * inner - pos);
       }
-      if (b) {
-        for (int64_t x = i; x < e; ++x) {
-          const Acc d = (f[x] - b[x]) / q;
-          out[x] = keep[x] ? b[x] + d : b[x];
-        }
-      } else {
-        for (int64_t x = i; x < e; ++x) out[x] = keep[x] ? f[x] / q : Acc(0);
-      }
+      merge_run(f, b, keep, q, out, i, e);
       i = e;
     }
     out_tile.store(pos, n);

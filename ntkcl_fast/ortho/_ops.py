@@ -284,11 +284,17 @@ def _no_double_backward(ctx, *grads):
     raise RuntimeError("the orthogonality losses do not support double backward")
 
 
+# The compiled list ops have C++ autograd kernels (csrc/list_autograd.cpp: the same formulas,
+# without a Python autograd kernel and its pytree walk over the Tensor[] arguments on every call).
+_CPP_AUTOGRAD = {"ntkcl_fast": ("gram_orthogonality", "cross_orthogonality")}
+
+
 def _register(namespace: str) -> None:
     for op, fake in FAKES.items():
         torch.library.register_fake(f"{namespace}::{op}", fake)
     for op, (setup, backward) in _formulas(getattr(torch.ops, namespace)).items():
-        torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup)
+        if op not in _CPP_AUTOGRAD.get(namespace, ()):
+            torch.library.register_autograd(f"{namespace}::{op}", backward, setup_context=setup)
         torch.library.register_autograd(f"{namespace}::{op}_backward", _no_double_backward,
                                         setup_context=_backward_op_setup)
 
