@@ -212,3 +212,15 @@ def test_loading_a_plain_adam_checkpoint_into_amsgrad_starts_the_running_max():
     p.grad = torch.ones(3)
     opt.step()
     assert torch.equal(opt.state[p]["max_exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+def test_amsgrad_switched_on_later_and_a_parameter_put_into_a_group_get_their_state():
+    p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    opt = AdamR([p], pull=0.5)
+    opt.param_groups[0]["amsgrad"] = True
+    opt.param_groups[0]["params"].append(q)  # not through add_param_group: anchored at its first step
+    q_start = q.detach().clone()
+    p.grad, q.grad = torch.ones(3), torch.ones(4)
+    opt.step()
+    assert torch.equal(opt.state[p]["max_exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+    assert torch.equal(opt.state[q]["anchor"], q_start) and opt.state[q]["step"].item() == 1

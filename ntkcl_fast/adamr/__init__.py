@@ -121,10 +121,9 @@ class AdamR(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = self._plan()  # every check of every group runs before the first write
-        for group, params, _ in plans:
-            for p in params:
-                self._init_state(p, group)  # only a parameter added to a group after it joined
+        plans, stateless = self._plan()  # every check of every group runs before the first write
+        for p, group in stateless:  # a parameter put into a group after it joined, or amsgrad switched on
+            self._init_state(p, group)
         v_mean = self._v_mean(plans) if any(_needs_v(group) for group, _, _ in plans) else None
         for group, params, name in plans:
             state = [self.state[p] for p in params]
@@ -136,9 +135,10 @@ class AdamR(torch.optim.Optimizer):
                        weight_decay=group["weight_decay"], pull=group["pull"], l1=group["pull_norm"] == "l1")
         return loss
 
-    def _plan(self) -> list[tuple[dict, list[torch.Tensor], str]]:
-        """(group, params with a gradient on one device, backend) per fused call; raises before any write."""
-        plans = []
+    def _plan(self):
+        """[(group, params with a gradient on one device, backend)] per fused call, and the
+        [(param, group)] whose state is incomplete; raises before anything is written."""
+        plans, stateless = [], []
         for g_index, group in enumerate(self.param_groups):
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for i, p in enumerate(group["params"]):
@@ -150,9 +150,12 @@ class AdamR(torch.optim.Optimizer):
                     raise ValueError(f"param_groups[{g_index}].params[{i}]: grad must have the param's dtype and "
                                      f"shape, got {p.grad.dtype} {tuple(p.grad.shape)}")
                 by_device.setdefault(p.device, []).append(p)
+                state = self.state.get(p)
+                if state is None or "step" not in state or group["amsgrad"] and "max_exp_avg_sq" not in state:
+                    stateless.append((p, group))
             plans += [(group, ps, _backend.resolve(self.backend, device, "adamr_step_"))
                       for device, ps in by_device.items()]
-        return plans
+        return plans, stateless
 
     def _v_mean(self, plans) -> torch.Tensor:
         """DAREx's V: one sum per fused call (a device tensor), added and divided by the element count."""
