@@ -142,13 +142,14 @@ class AdamR(torch.optim.Optimizer):
         for g_index, group in enumerate(self.param_groups):
             by_device: dict[torch.device, list[torch.Tensor]] = {}
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise TypeError(f"param_groups[{g_index}].params[{i}]: AdamR does not support sparse gradients")
-                if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
-                    raise ValueError(f"param_groups[{g_index}].params[{i}]: grad must have the param's dtype and "
-                                     f"shape, got {p.grad.dtype} {tuple(p.grad.shape)}")
+                if grad.dtype != p.dtype:  # torch itself lets one through only when p.grad_dtype is None
+                    raise ValueError(f"param_groups[{g_index}].params[{i}]: grad must have the param's dtype "
+                                     f"{p.dtype}, got {grad.dtype}")
                 by_device.setdefault(p.device, []).append(p)
                 state = self.state.get(p)
                 if state is None or "step" not in state or group["amsgrad"] and "max_exp_avg_sq" not in state:
