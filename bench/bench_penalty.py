@@ -11,7 +11,10 @@ Ops and baselines (what users run today):
   ours: `l2_penalty(...).backward()` (the op's registered autograd formula) and `l2_penalty_grad_`
   (no graph).
 - `fisher_accumulate_`: loop of `mul_` / `addcmul_`, `torch._foreach_*`, ours.
-- `adamr step`: `torch.optim.Adam(fused=True)` + a separate foreach pull, ours.
+- `adamr step (lr pull)`: `torch.optim.Adam(fused=True)` + a separate foreach pull, ours with
+  `pull_scale="lr"` (the same math).
+- `adamr step (DAREx)`: DAREx's AdamR as its code runs it (a loop over parameters, the normalizer
+  V read back to the host), ours with the default `pull_scale="stable"` (the same math).
 Row keys match bench_ema: op, list, tensors, elements, dtype, impl, baseline, bytes, ms, ms_min,
 reps (bench/run.py adds gbps, pct_copy and the speedup columns). The inputs of one (list, dtype,
 op) are built once and shared by its rows, as in bench_ema; building 86.6M-element lists
@@ -19,6 +22,7 @@ dominated the CPU run time otherwise.
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -164,9 +168,32 @@ def _adam_plus_pull(P, A, F):
     return run
 
 
-def _adamr_ours(backend):
+def _darex_loop(P, A, F):
+    """DAREx's AdamR step (github.com/vengdeng/DAREx, AdamR.py), moments in fp32 as ours."""
+    lr, pull, beta1, beta2, eps = 1e-4, 0.01, 0.9, 0.999, 1e-8
+    state = [(torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)) for p in P]
+    count = [0]
+
+    def run():
+        with torch.no_grad():
+            count[0] += 1
+            bc1, bc2 = 1 - beta1 ** count[0], 1 - beta2 ** count[0]
+            total, size = 0.0, 0
+            for p, (m, v) in zip(P, state):
+                size += p.numel()
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                total += (v / bc2).sum()
+            root = math.sqrt(total / size) or 1.0
+            for p, a, (m, v) in zip(P, A, state):
+                p.add_(-pull * lr / root * (p - a))
+                p.addcdiv_(m, (v / bc2).sqrt().add(eps), value=-lr / bc1)
+    return run
+
+
+def _adamr_ours(backend, pull_scale):
     def build(P, A, F):
-        opt = ntkcl_fast.AdamR(P, lr=1e-4, pull=0.01, anchors=A, backend=backend)
+        opt = ntkcl_fast.AdamR(P, lr=1e-4, pull=0.01, pull_scale=pull_scale, anchors=A, backend=backend)
         return opt.step
     return build
 
@@ -193,8 +220,10 @@ def impls(device: str):
         "fisher_accumulate_": (fis_bytes, [("loop mul_/addcmul_", "loop", _fisher_loop),
                                            ("foreach", "foreach", _fisher_foreach)]
                                + [(f"fisher_accumulate_[{b}]", None, _fisher_ours(b)) for b in ours]),
-        "adamr step": (adam_bytes, [("Adam(fused) + foreach pull", "Adam+pull", _adam_plus_pull)]
-                       + [(f"AdamR[{b}]", None, _adamr_ours(b)) for b in ours]),
+        "adamr step (lr pull)": (adam_bytes, [("Adam(fused) + foreach pull", "Adam+pull", _adam_plus_pull)]
+                                 + [(f"AdamR[{b}] lr", None, _adamr_ours(b, "lr")) for b in ours]),
+        "adamr step (DAREx)": (adam_bytes, [("DAREx AdamR loop", "DAREx", _darex_loop)]
+                               + [(f"AdamR[{b}] stable", None, _adamr_ours(b, "stable")) for b in ours]),
     }
 
 

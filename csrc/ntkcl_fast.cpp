@@ -27,10 +27,18 @@ TORCH_LIBRARY(ntkcl_fast, m) {
         "float scale, Tensor? grad_output, bool accumulate) -> Tensor");
   // fisher[i] <- decay * fisher[i] + scale * grads[i]^2.
   m.def("fisher_accumulate_(Tensor(a!)[] fisher, Tensor[] grads, float scale, float decay) -> ()");
-  // AdamR: Adam plus a decoupled pull toward anchors (L2, or L1 when l1), one step for the list.
-  // hyper = [lr, beta1, beta2, eps, weight_decay, pull, lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t)].
+  // AdamR (DAREx's AdamR, reference/adamr.py): one step for the list. state_steps hold the steps taken
+  // (0-d fp32, one per tensor, read on device; each gains 1). The pull toward anchors (L2, or sign when
+  // l1) is scaled by pull * lr / sqrt(v_mean) (1 for sqrt where v_mean == 0), or by pull * lr without
+  // v_mean. max_exp_avg_sq is empty, or the running max of exp_avg_sq (AMSGrad).
   m.def("adamr_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
-        "Tensor[] anchors, float[] hyper, bool l1) -> ()");
+        "Tensor(d!)[] max_exp_avg_sq, Tensor[] anchors, Tensor(e!)[] state_steps, Tensor? v_mean, *, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay, float pull, bool l1) -> ()");
+  // The 0-d fp64 sum over the list of exp_avg_sq / (1 - beta2^t) (of max_exp_avg_sq when given) as
+  // adamr_step_ would leave them, t = state_steps + 1; writes nothing. DAREx's V is such sums over
+  // all parameters divided by their element count.
+  m.def("adamr_v_hat_sum(Tensor[] grads, Tensor[] exp_avg_sq, Tensor[] max_exp_avg_sq, Tensor[] state_steps, *, "
+        "float beta2) -> Tensor");
   // DARE keep rule of docs/API.md (Philox4x32-10, csrc/cuda/philox.h); seed and key are uint64 bits
   // in int64. With base: out <- kept ? base + (finetuned - base) / q : base; without base (delta
   // mode): out <- kept ? finetuned / q : 0. q is q_rows[row] when q_rows is given. out may be

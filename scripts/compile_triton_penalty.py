@@ -41,10 +41,16 @@ def main() -> int:
     compile_one(tp._fisher_kernel, {"table": "*i64", "count": "i32", "scalars": "*fp64"},
                 {"FI": tl.float32, "GR": tl.bfloat16, "ACC": tl.float32, "VIA_FP32": False, "CHUNK": 4096,
                  "STEPS": 5})
-    for l1 in (True, False):
-        compile_one(ta._adamr_kernel, {"table": "*i64", "count": "i32", "hyper": "*fp64"},
-                    {"L1": l1, "P": tl.bfloat16, "G": tl.bfloat16, "S": tl.float32, "A": tl.float32,
-                     "ACC": tl.float32, "P_VIA_FP32": False, "CHUNK": 4096, "STEPS": 5})
+    for l1, amsgrad, has_v in ((True, False, False), (False, True, True)):
+        compile_one(ta._adamr_step_kernel, {"table": "*i64", "count": "i32", "hyper": "*fp64", "v_mean_ptr": "*fp64"},
+                    {"L1": l1, "AMSGRAD": amsgrad, "HAS_V": has_v, "P": tl.bfloat16, "G": tl.bfloat16,
+                     "S": tl.float32, "A": tl.float32, "ACC": tl.float32, "P_VIA_FP32": False, "CHUNK": 4096,
+                     "STEPS": 5})
+    for amsgrad, acc in ((False, tl.float32), (True, tl.float64)):
+        compile_one(ta._v_hat_sum_kernel, {"table": "*i64", "count": "i32", "partials": "*fp64", "first_partial": "i32",
+                                           "beta2_ptr": "*fp64"},
+                    {"AMSGRAD": amsgrad, "G": tl.float32, "S": tl.float32 if acc == tl.float32 else tl.float64,
+                     "ACC": acc, "CHUNK": 4096, "STEPS": 5})
     print("every L2 / EWC / AdamR Triton kernel compiles for sm_90")
     return 0
 

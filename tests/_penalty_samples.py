@@ -57,19 +57,36 @@ def fisher_samples(device, *, seed: int = 0):
     return [(fisher, grads, 0.125, 0.9), (fisher[:2], grads[:2], 1.0, 1.0)]
 
 
-def adamr_hyper(step: int, lr=HYPER[0], beta1=HYPER[1], beta2=HYPER[2], eps=HYPER[3], wd=HYPER[4], pull=HYPER[5]):
-    return [lr, beta1, beta2, eps, wd, pull, lr / (1 - beta1 ** step), 1 / (1 - beta2 ** step) ** 0.5]
+def adamr_hyper(lr=HYPER[0], beta1=HYPER[1], beta2=HYPER[2], eps=HYPER[3], wd=HYPER[4], pull=HYPER[5],
+                l1=False) -> dict:
+    """The keyword arguments of ntkcl_fast::adamr_step_."""
+    return dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, pull=pull, l1=l1)
 
 
-def adamr_samples(device, *, seed: int = 0):
-    """(params, grads, exp_avg, exp_avg_sq, anchors, hyper, l1) at step 3, L2 and L1 pull."""
+def _adamr_tensors(device, seed):
     gen = _gen(seed)
     params = [torch.randn(s, generator=gen).to(device, dt) for s, dt in zip(SHAPES, P_DTYPES)]
     grads = [torch.randn(s, generator=gen).to(device, dt) for s, dt in zip(SHAPES, P_DTYPES)]
     moment = [torch.float64 if dt == torch.float64 else torch.float32 for dt in P_DTYPES]
     m = [torch.randn(s, generator=gen).to(device, dt) for s, dt in zip(SHAPES, moment)]
     v = [torch.rand(s, generator=gen).to(device, dt) for s, dt in zip(SHAPES, moment)]
+    vm = [(x + torch.rand(x.shape, generator=gen).to(x.dtype).to(device) - 0.5).clamp_min(0) for x in v]
     anchors = [torch.randn(s, generator=gen).to(device) for s in SHAPES]
-    return [(params, grads, m, v, anchors, adamr_hyper(3), False),
-            (params[:2], grads[:2], m[:2], v[:2], anchors[:2], adamr_hyper(1), True)]
+    steps = [torch.tensor(float(k + 2), device=device) for k in range(len(SHAPES))]  # unequal step counts
+    return params, grads, m, v, vm, anchors, steps
 
+
+def adamr_samples(device, *, seed: int = 0):
+    """(args, kwargs) of adamr_step_: AMSGrad with DAREx's V on device; plain Adam with the L1 pull
+    scaled by lr (no V) at the first step."""
+    params, grads, m, v, vm, anchors, steps = _adamr_tensors(device, seed)
+    v_mean = torch.tensor(0.37, dtype=torch.float64, device=device)
+    first = [torch.zeros((), device=device) for _ in steps[:2]]
+    return [((params, grads, m, v, vm, anchors, steps, v_mean), adamr_hyper()),
+            ((params[:2], grads[:2], m[:2], v[:2], [], anchors[:2], first, None), adamr_hyper(l1=True))]
+
+
+def adamr_v_hat_sum_samples(device, *, seed: int = 0):
+    """(args, kwargs) of adamr_v_hat_sum, with and without AMSGrad's running max."""
+    _, grads, _, v, vm, _, steps = _adamr_tensors(device, seed)
+    return [((grads, v, vm, steps), dict(beta2=HYPER[2])), ((grads[:3], v[:3], [], steps[:3]), dict(beta2=0.999))]
