@@ -167,11 +167,16 @@ def darex_analytic_q(delta_weight: torch.Tensor, mean_input: torch.Tensor, p: fl
         |eta (1 - (1 - p) / q) sum(c) + eta^2 phi(p) sum(c^2) / (4 q^2) + log(2 / (1 - gamma))|,
 
     `phi(x) = (1 - 2x) / log((1 - x) / x)`, as DAREx's `analytical_resolve_new` does, stopping rule
-    and all (see `_scan`); `eta` balances the two terms, `gamma` is the probability of the bound.
-    Differences (docs/DARE.md): sums and objective in fp64 (DAREx: fp16), phi(1/2) = 1/2 (DAREx:
-    NaN, so every row kept 1 - p), and for p > 0.999 the grid starts at 0.001 (DAREx divides by
-    q = 0). For p <= 0.001 the grid is empty and every row gets 1 - p. Returns fp32 `q [rows]`
-    on delta_weight's device, to pass as `dare(..., q=q)`; DAREx itself applies the row mean.
+    and all (`_scan`); `eta` balances the two terms, `gamma` is the probability of the bound,
+    `stop_fraction` ends the scan once that share of rows has stopped improving (above 1: never).
+
+    Which q values tie decides where rows stop, so the arithmetic is part of the result: each step
+    of the objective is rounded as torch rounds it in `resolution` (DAREx computes in fp16, the
+    default; torch.float64 leaves it unrounded), without that dtype's range, and the two sums
+    accumulate in fp64. Further differences (docs/DARE.md): phi(1/2) = 1/2 (DAREx: NaN, every row
+    kept 1 - p); for p > 0.999 the grid starts at 0.001 (DAREx divides by q = 0); for p <= 0.001
+    the grid is empty and every row gets 1 - p. Returns fp32 `q [rows]` on delta_weight's device,
+    for `dare(..., q=q)` (DAREx itself applies the mean over rows).
     """
     p = _validate.unit_interval(p, "p")
     if p == 1.0:
