@@ -106,8 +106,10 @@ def _q_arg(q, p: float, like: torch.Tensor, name: str = "q") -> tuple[float, tor
     if isinstance(q, bool) or not isinstance(q, (int, float)):
         raise TypeError(f"{name} must be None, a float or a 1-D tensor, got {type(q).__name__}")
     q = float(q)
-    if not (q > 0.0 and math.isfinite(q)):
-        raise ValueError(f"{name} must be a finite float > 0, got {q}")
+    # the kernels divide in fp32 for fp32 and narrower tensors: a q that is 0 or subnormal there is refused
+    tiny = torch.finfo(torch.float32).tiny
+    if not (q >= tiny and math.isfinite(q)):
+        raise ValueError(f"{name} must be a finite float >= {tiny} (the smallest normal fp32), got {q}")
     return q, None
 
 

@@ -321,33 +321,6 @@ def test_cpu_kernel_checks_direct_calls():
         torch.ops.ntkcl_fast.magnitude_prune_(f, 9)
 
 
-def test_darex_q_search_same_mask_every_candidate():
-    f, b = _inputs((6, 10), torch.float32, "cpu", 9)
-    target = ntkcl_fast.dare(f, b, 0.8, q=0.3, seed=4)
-    masks = []
-
-    def evaluate(q):
-        merged = ntkcl_fast.dare(f, b, 0.8, q=q, seed=4)
-        masks.append(merged != b)
-        return -float((merged - target).abs().sum())
-
-    best, score = ntkcl_fast.darex_q_search(evaluate, p=0.8, coarse=[0.1, 0.2, 0.25, 0.4, 0.6])
-    assert abs(best - 0.3) < 0.03 and score <= 0
-    assert all(torch.equal(m, masks[0]) for m in masks)
-
-
-def test_darex_analytic_q():
-    gen = torch.Generator().manual_seed(0)
-    w, x = torch.randn(5, 8, generator=gen), torch.rand(8, generator=gen)
-    q = ntkcl_fast.darex_analytic_q(w, x, 0.9, eta=0.0)
-    assert torch.allclose(q, torch.full((5,), 0.1))
-    q = ntkcl_fast.darex_analytic_q(w, x, 0.9, eta=0.5, gamma=1e-3)
-    c = (w * x).double()
-    want = 0.1 * (1 + 0.5 * 0.9 / 0.1 * (c * c).sum(1) / (c.sum(1) ** 2 + 1e-3))
-    assert torch.allclose(q.double(), want, rtol=1e-5)
-    assert (q >= 0.1).all()
-
-
 def _philox_draw_kernel():
     from ._triton_philox_probe import draw  # imports triton: only where it is available
     return draw

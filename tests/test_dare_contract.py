@@ -203,13 +203,3 @@ def test_dare_state_dict_of_modules_merges_parameters(device, backend, buffers):
         else:
             assert torch.equal(value, fin_sd[name]), name
     assert torch.equal(got["1.num_batches_tracked"], torch.tensor(4, device=device))
-
-
-def test_darex_analytic_q_compiles_to_the_eager_result():
-    # darex_q_search is a host loop around the caller's evaluation, nothing to trace; the
-    # analytic q is tensor math and must compile like every other public function
-    gen = torch.Generator().manual_seed(7)
-    w, x = torch.randn(7, 5, generator=gen), torch.randn(5, generator=gen)
-    want = ntkcl_fast.darex_analytic_q(w, x, 0.9, eta=0.5, gamma=1e-3)
-    got = compiled(lambda w, x: ntkcl_fast.darex_analytic_q(w, x, 0.9, eta=0.5, gamma=1e-3))(w, x)
-    assert torch.equal(got, want)
