@@ -36,8 +36,9 @@ def add_vote_(vote: torch.Tensor, t: torch.Tensor, method: str) -> None:
 
 
 def majority_sign(vote: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """+1 where the vote (rounded to the tasks' dtype, as PEFT's sum is) is >= 0, else -1 (int64)."""
-    return torch.where(vote.to(dtype) >= 0, 1, -1)
+    """+1 where the vote (rounded to the tasks' dtype, as PEFT's sum is) is >= 0, else -1 (int8:
+    PEFT's int64 holds the same values in eight times the bytes)."""
+    return (vote.to(dtype) >= 0).to(torch.int8) * 2 - 1
 
 
 def agrees(t: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:

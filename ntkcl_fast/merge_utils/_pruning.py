@@ -32,10 +32,10 @@ def _rescale_name(rescale) -> str:
 def as_peft_drops(pruned: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """PEFT computes `tensor * mask`, so a dropped +-inf or NaN entry is NaN there, not 0.
 
-    Entries our kernels set to 0 become `tensor * 0`: the same 0 for finite entries (a kept entry
-    that is 0 is 0 either way), NaN for non-finite ones, as in PEFT.
+    In place on `pruned`: an entry our kernels set to 0 whose input is not finite becomes NaN
+    (a finite input gives 0 either way; only bool temporaries, no second float tensor).
     """
-    return torch.where(pruned == 0, tensor * 0, pruned)
+    return pruned.masked_fill_((pruned == 0) & ~tensor.isfinite(), float("nan"))
 
 
 def random_pruning(tensor: torch.Tensor, density: float, rescale, *, seed: int = 0, key: int = 0,
