@@ -154,6 +154,21 @@ def _shape_arg(shape) -> tuple[int, ...]:
     return tuple(out)
 
 
+RESCALES = ("density", "l1", "none")
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: a norm below it leaves the kept entries unscaled
+
+
+def _rescale_arg(rescale, q) -> str:
+    """The rescale name; `q` (DAREx) is the divisor of "density" and has no meaning for the others."""
+    if not isinstance(rescale, str):
+        raise TypeError(f"rescale must be one of {RESCALES}, got {type(rescale).__name__}")
+    if rescale not in RESCALES:
+        raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
+    if q is not None and rescale != "density":
+        raise ValueError(f"q divides the kept entries of rescale='density'; it cannot be given with rescale={rescale!r}")
+    return rescale
+
+
 # ------------------------------------------------------------------------------------- kernels
 
 def _kernel(name: str, work: torch.Tensor, fin: torch.Tensor, base: torch.Tensor | None, t: int, q: float,
@@ -188,6 +203,30 @@ def _run_one(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch
     return out
 
 
+def _run_l1(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch.Tensor | None, p: float,
+            seed: int, key: int) -> torch.Tensor:
+    """`base + keep * delta * (||delta||_1 / ||keep * delta||_1)`, unscaled when either norm is below
+    L1_EPS (mergekit >= 0.1), in fp32 (fp64 for fp64) and rounded once.
+
+    Two passes: the backend's kernel writes keep * delta (q = 1) into a math-dtype buffer, then the
+    two norms and the scaled sum are torch ops. The where() keeps it free of host syncs.
+    """
+    acc = torch.float64 if fin.dtype == torch.float64 else torch.float32
+    delta = fin.to(acc) - base.to(acc) if base is not None else fin.to(acc)
+    kept = _run_one(name, None, delta, None, p, 1.0, None, seed, key)
+    before, after = delta.abs().sum(), kept.abs().sum()
+    unscaled = (before < L1_EPS) | (after < L1_EPS)
+    scaled = kept * torch.where(unscaled, torch.ones_like(before), before / after)
+    res = (base.to(acc) + scaled if base is not None else scaled).to(fin.dtype)
+    return res if out is None else out.copy_(res)
+
+
+def _run(name: str, out, fin, base, p: float, q: float, q_rows, rescale: str, seed: int, key: int):
+    if rescale == "l1":
+        return _run_l1(name, out, fin, base, p, seed, key)
+    return _run_one(name, out, fin, base, p, 1.0 if rescale == "none" else q, q_rows, seed, key)
+
+
 # ------------------------------------------------------------------------------------- public API
 
 def dare_mask(shape, p: float, *, seed: int = 0, key: int = 0, device=None, backend: str = "auto") -> torch.Tensor:
@@ -205,32 +244,37 @@ def dare_mask(shape, p: float, *, seed: int = 0, key: int = 0, device=None, back
 
 
 @torch.no_grad()
-def dare(finetuned, base, p: float, *, q=None, seed: int = 0, key: int = 0, out=None,
+def dare(finetuned, base, p: float, *, q=None, rescale: str = "density", seed: int = 0, key: int = 0, out=None,
          backend: str = "auto") -> torch.Tensor:
     """`base + keep * (finetuned - base) / q`, q = 1 - p by default (DARE), a float or one per row (DAREx-q).
 
+    `rescale`: "density" (the division by q above), "l1" (kept entries times
+    ||delta||_1 / ||kept delta||_1 of the tensor, mergekit >= 0.1) or "none".
     `out` may be `finetuned` or `base` itself (in place). The math runs in fp32 (fp64 for fp64)
     and is rounded once.
     """
     _pair(finetuned, base)
     p = _validate.unit_interval(p, "p")
+    rescale = _rescale_arg(rescale, q)
     qv, q_rows = _q_arg(q, p, finetuned)
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
     out = _out_arg(out, finetuned, base)
     name = _backend.resolve(backend, finetuned.device, "dare_")
-    return _run_one(name, out, finetuned, base, p, qv, q_rows, seed, key)
+    return _run(name, out, finetuned, base, p, qv, q_rows, rescale, seed, key)
 
 
 @torch.no_grad()
-def dare_delta_(delta, p: float, *, q=None, seed: int = 0, key: int = 0, backend: str = "auto") -> torch.Tensor:
-    """In place `delta <- keep * delta / q` (same keep rule and q as `dare`); returns `delta`."""
+def dare_delta_(delta, p: float, *, q=None, rescale: str = "density", seed: int = 0, key: int = 0,
+                backend: str = "auto") -> torch.Tensor:
+    """In place `delta <- keep * delta / q` (same keep rule, q and `rescale` as `dare`); returns `delta`."""
     _floating(delta, "delta")
     _writable(delta, "delta")
     p = _validate.unit_interval(p, "p")
+    rescale = _rescale_arg(rescale, q)
     qv, q_rows = _q_arg(q, p, delta)
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
     name = _backend.resolve(backend, delta.device, "dare_")
-    return _run_one(name, delta, delta, None, p, qv, q_rows, seed, key)
+    return _run(name, delta, delta, None, p, qv, q_rows, rescale, seed, key)
 
 
 def _exclude_arg(exclude) -> list[re.Pattern]:
@@ -274,23 +318,26 @@ def _state_args(finetuned, base, buffers: bool) -> tuple[Mapping, Mapping, set |
 
 
 @torch.no_grad()
-def dare_state_dict(finetuned, base, p: float, *, q=None, seed: int = 0, exclude=(), buffers: bool = False,
-                    backend: str = "auto") -> dict:
+def dare_state_dict(finetuned, base, p: float, *, q=None, rescale: str = "density", seed: int = 0, exclude=(),
+                    buffers: bool = False, backend: str = "auto") -> dict:
     """DARE over a whole state dict: each floating tensor merged with `dare(..., key=tensor_key(name))`.
 
     `finetuned` and `base` are mappings name -> tensor or modules (see `_state_args`: of modules
     only parameters are merged, plus floating buffers with `buffers=True`).
     `q`: None, a float, or a mapping name -> float or per-row tensor (names missing from it use
-    1 - p). Names matching any `exclude` regex (re.search) and non-floating tensors are returned as
-    the finetuned value. All tensors with a scalar q go in one launch per device (CUDA kernel; the
-    Triton backend takes one launch per dtype), their keys and q in the launch table; tensors with
-    a per-row q take one launch each.
+    1 - p). `rescale` as in `dare`, per tensor. Names matching any `exclude` regex (re.search, so
+    a pattern matches anywhere in the name; start it with '^' for MergeLM's re.match) and
+    non-floating tensors are returned as the finetuned value. All tensors with a scalar q go in one
+    launch per device (CUDA kernel; the Triton backend takes one launch per dtype), their keys and
+    q in the launch table; tensors with a per-row q, and every tensor under rescale="l1" (its
+    norms come first), take one launch each.
     """
     finetuned, base, merged = _state_args(finetuned, base, buffers)
     if set(finetuned) != set(base):
         missing = sorted(set(finetuned) ^ set(base))[:5]
         raise ValueError(f"finetuned and base must have the same keys; differing: {missing}")
     p = _validate.unit_interval(p, "p")
+    rescale = _rescale_arg(rescale, q)
     seed = as_u64(seed, "seed")
     pats = _exclude_arg(exclude)
     if q is not None and not isinstance(q, Mapping):
@@ -317,7 +364,7 @@ def dare_state_dict(finetuned, base, p: float, *, q=None, seed: int = 0, exclude
         _pair(f, b, f"finetuned[{name!r}]", f"base[{name!r}]")
         qn = q.get(name) if isinstance(q, Mapping) else q
         qv, q_rows = _q_arg(qn, p, f, f"q[{name!r}]" if isinstance(q, Mapping) else "q")
-        plan.append((name, f, b, qv, q_rows))
+        plan.append((name, f, b, 1.0 if rescale == "none" else qv, q_rows))
         result[name] = None
     if plan:
         devices = {f.device for _, f, _, _, _ in plan}
@@ -326,10 +373,10 @@ def dare_state_dict(finetuned, base, p: float, *, q=None, seed: int = 0, exclude
         batched: dict[torch.device, list] = {}
         for name, f, b, qv, q_rows in plan:
             bname = names[f.device]
-            if bname in ("cpu", "cuda", "triton") and q_rows is None:
+            if bname in ("cpu", "cuda", "triton") and q_rows is None and rescale != "l1":
                 batched.setdefault(f.device, []).append((name, f, b, qv))
             else:
-                result[name] = _run_one(bname, None, f, b, p, qv, q_rows, seed, tensor_key(name))
+                result[name] = _run(bname, None, f, b, p, qv, q_rows, rescale, seed, tensor_key(name))
         for device, items in batched.items():
             fins = [f.contiguous() for _, f, _, _ in items]
             bases = [b.contiguous() for _, _, b, _ in items]
