@@ -87,14 +87,23 @@ void lerp_span(E* ema, const S* src, int64_t n, const Lerp<Acc>& lerp) {
   for (; i < n; ++i) ema[i] = static_cast<E>(lerp(static_cast<Acc>(ema[i]), static_cast<Acc>(src[i])));
 }
 
-// One chunk [begin, end) of one pair: the dtypes visited once, then a typed span.
-void ema_chunk(const at::Tensor& ema, const at::Tensor& src, int64_t begin, int64_t end, double decay) {
-  cpu::visit_float(ema.scalar_type(), [&](auto e_tag) {
-    cpu::visit_float(src.scalar_type(), [&](auto s_tag) {
+// One pair as the chunks see it: raw pointers and dtypes read once per call, not once per chunk
+// (a ViT-B list is ~5K chunks, and each Tensor accessor costs a few checks).
+struct Pair {
+  void* ema;
+  const void* src;
+  at::ScalarType ema_dtype, src_dtype;
+  double decay;
+};
+
+// Elements [begin, end) of one pair: the dtypes visited once, then a typed span.
+void ema_chunk(const Pair& p, int64_t begin, int64_t end) {
+  cpu::visit_float(p.ema_dtype, [&](auto e_tag) {
+    cpu::visit_float(p.src_dtype, [&](auto s_tag) {
       using E = decltype(e_tag);
       using S = decltype(s_tag);
       using Acc = std::conditional_t<std::is_same_v<E, double> || std::is_same_v<S, double>, double, float>;
-      lerp_span(ema.data_ptr<E>() + begin, src.const_data_ptr<S>() + begin, end - begin, Lerp<Acc>(decay));
+      lerp_span(static_cast<E*>(p.ema) + begin, static_cast<const S*>(p.src) + begin, end - begin, Lerp<Acc>(p.decay));
     });
   });
 }
@@ -106,11 +115,13 @@ void ema_update_cpu(at::TensorList ema, at::TensorList src, at::ArrayRef<double>
   const double shared = has_tensor ? decay_tensor->item<double>() : 0.0;
   TORCH_CHECK_VALUE(!has_tensor || (shared >= 0.0 && shared <= 1.0), "decay_tensor must be in [0, 1]");
   const EmaWork work = split_ema_pairs(ema, src, has_tensor ? at::ArrayRef<double>() : decay);
-  const std::vector<at::Tensor>& e = work.ema;
-  const std::vector<at::Tensor>& s = work.src;
-  cpu::ChunkPlan(e).parallel_for([&](int64_t, const cpu::Chunk& c) {
-    ema_chunk(e[c.tensor], s[c.tensor], c.begin, c.end, has_tensor ? shared : work.decay[c.tensor]);
-  });
+  std::vector<Pair> pairs;
+  pairs.reserve(work.ema.size());
+  for (size_t t = 0; t < work.ema.size(); ++t) {
+    pairs.push_back({work.ema[t].data_ptr(), work.src[t].const_data_ptr(), work.ema[t].scalar_type(),
+                     work.src[t].scalar_type(), has_tensor ? shared : work.decay[t]});
+  }
+  cpu::ChunkPlan(work.ema).parallel_for([&](int64_t, const cpu::Chunk& c) { ema_chunk(pairs[c.tensor], c.begin, c.end); });
 }
 
 }  // namespace
