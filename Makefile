@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 DEPS := numpy ninja pybind11 setuptools wheel "triton>=3.0" pytest pytest-benchmark hypothesis expecttest matplotlib tqdm safetensors scikit-learn
 # peft for the parity tests of the PEFT-style merge helpers (it brings transformers, pure Python)
 TEST_DEPS := peft
+# timm for the ModelEMA parity tests, without its dependencies: they include torchvision, whose pin
+# would replace the torch above (the tests load timm/utils/model_ema.py, which needs torch only)
+TEST_DEPS_NO_DEPS := timm==1.0.31
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' 2>/dev/null)
 
 .PHONY: test bench demo clean info
@@ -19,6 +22,7 @@ $(PY):
 
 $(VENV)/.deps: $(PY) Makefile
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)" $(DEPS) $(TEST_DEPS)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(TEST_DEPS_NO_DEPS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

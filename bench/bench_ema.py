@@ -1,10 +1,14 @@
 """EMA benchmark: rows of the table (`rows(device, quick)`) and pytest-benchmark cases.
 
 Every implementation does the same update, `ema <- decay * ema + (1 - decay) * src`, over a
-whole parameter list: the baselines are what users write today, the other rows are
-`ntkcl_fast.ema_update_` on each compiled backend.
+whole parameter list: the baselines are what users write today (timm's ModelEmaV3 among them,
+when timm is installed), the other rows are `ntkcl_fast.ema_update_` on each compiled backend
+and `ModelEMA`.
 """
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +103,31 @@ def _averaged_model(ema, src, d, ema_dtype, mixed):
     return _averaged(src, ema_dtype, multi_avg_fn=get_ema_multi_avg_fn(d))
 
 
+def _timm_model_ema():
+    """timm/utils/model_ema.py loaded by path (it needs torch only; the timm package imports
+    torchvision), or None without timm."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "model_ema.py"
+    module_spec = importlib.util.spec_from_file_location("timm_utils_model_ema", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+TIMM = _timm_model_ema()
+
+
+def _model_ema(make):
+    """`make(model, decay, dtype)` -> an EMA with `.update(model)`; the model holds `src`."""
+    def build(ema, src, d, ema_dtype, mixed):
+        model = _Params(src)
+        averaged = make(model, d, ema_dtype if mixed else None)
+        return lambda: averaged.update(model)
+    return build
+
+
 def _ours(backend):
     def build(ema, src, d, ema_dtype, mixed):
         return lambda: ntkcl_fast.ema_update_(ema, src, d, backend=backend)
@@ -123,8 +152,12 @@ def impls(device: str) -> list[tuple[str, str | None, object]]:
         ("torch._foreach_lerp_", "foreach", _foreach),
         ("AveragedModel", "AveragedModel", _averaged_model),
     ]
+    if TIMM is not None:  # timm's default stochastic rounding only acts on bf16 averages, not these
+        baselines.append(("timm ModelEmaV3", "timm", _model_ema(
+            lambda m, d, dtype: TIMM.ModelEmaV3(m, d, dtype=dtype, stochastic_rounding=False))))
     ours = [(f"ntkcl_fast[{b}]", None, _ours(b)) for b in our_backends(device)]
     ours.append(("AveragedModel+ntkcl_fast", None, _ours_averaged_model))
+    ours.append(("ModelEMA", None, _model_ema(lambda m, d, dtype: ntkcl_fast.ModelEMA(m, d, dtype=dtype))))
     return baselines + ours
 
 

@@ -88,7 +88,9 @@ def _run(backend: str, ema: list[torch.Tensor], src: list[torch.Tensor],
 
 @torch.no_grad()
 def ema_update_(ema, src, decay, *, backend: str = "auto") -> None:
-    """In place `ema[i] <- ema[i] + (1 - d_i) * (src[i] - ema[i])` for every pair, in one fused call.
+    """In place `ema[i] <- torch.lerp(ema[i], src[i], 1 - d_i)` for every pair, in one fused call:
+    `ema + (1 - d) * (src - ema)` in torch's own rounding, so decay 0 copies src exactly and fp32
+    results equal `torch._foreach_lerp_` (timm ModelEmaV3) bit for bit.
 
     Non-floating pairs (int/bool buffers) are copied. `decay` is a float, one float per pair, or
     a 0-d floating tensor on the tensors' device (read on device, so CUDA graphs can capture
@@ -159,22 +161,36 @@ def _stochastic_round_fake(dst, x, seed, key, step):
     torch._check(dst.shape == x.shape, lambda: "dst and x must have the same shape")
 
 
+def _buffers(module: torch.nn.Module, persistent_only: bool) -> list[torch.Tensor]:
+    """module.buffers() in its order, less the non-persistent ones when `persistent_only`."""
+    seen, out = set(), []
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if b is None or id(b) in seen or (persistent_only and name in m._non_persistent_buffers_set):
+                continue
+            seen.add(id(b))
+            out.append(b)
+    return out
+
+
 class ModelEMA(torch.nn.Module):
     """Exponential moving average of a model's weights; a drop-in for timm's `ModelEmaV3`.
 
-    Adds `dtype` (e.g. an fp32 average of a bf16 model) and NTK-CL's `task_mean_decay`. With
-    `stochastic_rounding`, fp16/bf16 averages are computed in fp32 and rounded stochastically
-    (seeded by `stochastic_rounding_seed`), as timm does, so a slow average does not stall.
-    Every update is one fused `ema_update_` call per device.
+    Averages what timm averages (parameters and persistent buffers, or parameters alone with
+    `exclude_buffers`, which copies every buffer) with timm's lerp, bit for bit when the average
+    and the model share a dtype. Adds NTK-CL's `task_mean_decay`. With `stochastic_rounding`,
+    fp16/bf16 averages are computed in fp32 and rounded stochastically (seeded by
+    `stochastic_rounding_seed`) so a slow average does not stall; timm does so for bf16 only,
+    by default, with other random draws. Every update is one fused `ema_update_` call per device.
     """
 
-    # Positional arguments in timm ModelEmaV3's order; `foreach` is accepted for that drop-in and
-    # has no effect (every update is one fused call, whatever it says).
+    # Positional arguments in timm ModelEmaV3's order (timm >= 1.0.31); `foreach` is accepted for
+    # that drop-in and has no effect (every update is one fused call, whatever it says).
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999, min_decay: float = 0.0,
                  update_after_step: int = 0, use_warmup: bool = False, warmup_gamma: float = 1.0,
-                 warmup_power: float = 2 / 3, device=None, foreach: bool = True, exclude_buffers: bool = False,
-                 *, stochastic_rounding: bool = False, stochastic_rounding_seed: int | None = None,
-                 dtype: torch.dtype | None = None, backend: str = "auto"):
+                 warmup_power: float = 2 / 3, device=None, dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False, stochastic_rounding_seed: int | None = None,
+                 foreach: bool = True, exclude_buffers: bool = False, *, backend: str = "auto"):
         super().__init__()
         _validate.unit_interval(decay, "decay")
         _validate.unit_interval(min_decay, "min_decay")
@@ -192,6 +208,8 @@ class ModelEMA(torch.nn.Module):
         self.warmup_gamma = warmup_gamma
         self.warmup_power = warmup_power
         self.device = device
+        self.dtype = dtype
+        self.foreach = foreach
         self.exclude_buffers = exclude_buffers
         self.backend = backend
         self.stochastic_rounding = bool(stochastic_rounding)
@@ -221,12 +239,13 @@ class ModelEMA(torch.nn.Module):
             return max(min(decay, self.decay), self.min_decay)
         return self.decay
 
-    def _pairs(self, model: torch.nn.Module):
-        """(ema, model) tensors in matching order: parameters, then buffers."""
+    def _pairs(self, model: torch.nn.Module, persistent_only: bool):
+        """(ema, model) tensors in matching order: parameters, then buffers (the persistent ones,
+        those of state_dict, when `persistent_only`). Tied tensors once each."""
         ema_p = [p for _, p in self.module.named_parameters()]
         model_p = [p.detach() for _, p in model.named_parameters()]
-        ema_b = [b for _, b in self.module.named_buffers()]
-        model_b = [b.detach() for _, b in model.named_buffers()]
+        ema_b = _buffers(self.module, persistent_only)
+        model_b = [b.detach() for b in _buffers(model, persistent_only)]
         if len(ema_p) != len(model_p) or len(ema_b) != len(model_b):
             raise ValueError(f"model has {len(model_p)} parameters and {len(model_b)} buffers, "
                              f"the EMA copy has {len(ema_p)} and {len(ema_b)}")
@@ -235,7 +254,9 @@ class ModelEMA(torch.nn.Module):
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int | None = None, *, decay: float | None = None) -> None:
         decay = self.get_decay(step) if decay is None else _validate.unit_interval(decay, "decay")
-        ema_p, model_p, ema_b, model_b = self._pairs(model)
+        # like timm: with exclude_buffers every buffer is copied (module.buffers()), else only
+        # state_dict()'s are touched, so a non-persistent buffer keeps the value it was copied with
+        ema_p, model_p, ema_b, model_b = self._pairs(model, persistent_only=not self.exclude_buffers)
         if self.exclude_buffers:
             ema_avg, src_avg = ema_p, model_p
             ema_copy, src_copy = ema_b, model_b
@@ -268,7 +289,8 @@ class ModelEMA(torch.nn.Module):
 
     @torch.no_grad()
     def set(self, model: torch.nn.Module) -> None:
-        ema_p, model_p, ema_b, model_b = self._pairs(model)
+        """Copies every value of state_dict() (parameters and persistent buffers), as timm does."""
+        ema_p, model_p, ema_b, model_b = self._pairs(model, persistent_only=True)
         for e, s in zip(ema_p + ema_b, model_p + model_b):
             e.copy_(s.to(e.device))
 

@@ -79,6 +79,62 @@ def test_decay_tensor_read_on_device(device, backend, decay_dtype):
     _check(ema, src, torch.tensor(0.875, dtype=decay_dtype, device=device), device, backend)
 
 
+def _interpreter_rounds(backend, device, ema_dtype, exact_in_bf16=False):
+    """Triton's interpreter rounds fp32 -> bf16 its own way (not ties-to-even): one bf16 ulp,
+    unless the value stored is a bf16 number already."""
+    return interpreted_triton(backend, device) and ema_dtype == torch.bfloat16 and not exact_in_bf16
+
+
+def _assert_bits(got, want, loose: bool, what: str):
+    if loose:
+        torch.testing.assert_close(got.double(), want.double(), rtol=2.0 ** -7, atol=0, msg=what)
+    else:
+        assert torch.equal(got, want), what
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("ema_dtype,src_dtype", list(itertools.product(DTYPES, DTYPES)),
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_decay_zero_copies_src_exactly(device, backend, ema_dtype, src_dtype):
+    """Decay 0 is lerp weight 1: torch's `src - (src - ema) * 0` is src itself, where the textbook
+    `ema + 1 * (src - ema)` is an ulp off on a third of the elements. Every decay form."""
+    gen = torch.Generator().manual_seed(3)
+    src = [torch.randn(s, generator=gen).to(device, src_dtype) for s in SIZES]
+    want = [s.to(ema_dtype) for s in src]
+    for decay in (0.0, [0.0] * len(SIZES), torch.tensor(0.0, device=device),
+                  torch.tensor(0.0, dtype=torch.float64, device=device)):
+        ema = [torch.randn(s, generator=gen).to(device, ema_dtype) for s in SIZES]
+        ntkcl_fast.ema_update_(ema, src, decay, backend=backend)
+        for i, (g, w) in enumerate(zip(ema, want)):
+            _assert_bits(g, w, _interpreter_rounds(backend, device, ema_dtype, src_dtype == torch.bfloat16),
+                         f"pair {i}, decay {decay!r}")
+
+
+LERP_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+              (torch.float16, torch.float16), (torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("device,backend", PAIRS)
+@pytest.mark.parametrize("ema_dtype,src_dtype", LERP_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
+def test_equals_torch_foreach_lerp_bit_for_bit(device, backend, ema_dtype, src_dtype):
+    """timm ModelEmaV3 and torch's get_ema_multi_avg_fn update with `_foreach_lerp_(ema, src, 1 - decay)`
+    (timm lerps `src.to(ema.dtype)` when the dtypes differ): the same bits on both sides of lerp's
+    switch at weight 0.5, for float and 0-d tensor decays (fp64 and fp32)."""
+    gen = torch.Generator().manual_seed(4)
+    src = [torch.randn(s, generator=gen).to(device, src_dtype) for s in SIZES]
+    start = [torch.randn(s, generator=gen).to(device, ema_dtype) for s in SIZES]
+    for value in (0.0, 0.25, 0.5, 0.6180339887, 0.75, 0.999, 0.9999, 1.0):
+        for decay in (value, torch.tensor(value, dtype=torch.float64, device=device),
+                      torch.tensor(value, dtype=torch.float32, device=device)):
+            weight = 1 - (decay.item() if isinstance(decay, torch.Tensor) else decay)  # what timm passes
+            want = [e.clone() for e in start]
+            torch._foreach_lerp_(want, [s.to(ema_dtype) for s in src], weight)
+            got = [e.clone() for e in start]
+            ntkcl_fast.ema_update_(got, src, decay, backend=backend)
+            for i, (g, w) in enumerate(zip(got, want)):
+                _assert_bits(g, w, _interpreter_rounds(backend, device, ema_dtype), f"pair {i}, decay {decay!r}")
+
+
 @pytest.mark.parametrize("device,backend", PAIRS)
 def test_non_contiguous_inputs(device, backend):
     gen = torch.Generator().manual_seed(2)
@@ -197,10 +253,19 @@ def test_cuda_graph_capture_reads_decay_on_device():
     assert ema[0].eq(0.25).all() and ema[1].eq(0.25).all()
 
 
-def test_reference_is_the_formula():
-    e, s = torch.tensor([2.0], dtype=torch.float64), torch.tensor([10.0], dtype=torch.float64)
-    reference.ema_update_([e], [s], [0.75])
-    assert e.item() == 2.0 + 0.25 * 8.0
+def test_reference_is_torchs_lerp_formula():
+    """w = 1 - decay: w < 0.5 ? ema + w * (src - ema) : src - (src - ema) * (1 - w), each rounded
+    once (emulated in fp64, where the product of two fp32 numbers is exact)."""
+    gen = torch.Generator().manual_seed(5)
+    e, s = torch.randn(4099, generator=gen), torch.randn(4099, generator=gen)
+    diff = (s - e).double()
+    for decay in (0.0, 0.3, 0.5, 0.75, 0.999):
+        w = torch.tensor(1 - decay, dtype=torch.float32).double()
+        want = (e.double() + w * diff if w < 0.5 else s.double() - diff * (1 - w)).float()
+        got = e.clone()
+        reference.ema_update_([got], [s], [decay])
+        assert torch.equal(got, want), decay
+    assert not torch.equal(e + 1.0 * (s - e), s)  # why the large-weight form matters at decay 0
 
 
 @pytest.mark.parametrize("device,backend", [p for p in PAIRS if p.values[1] in ("torch", "triton")])

@@ -22,10 +22,15 @@ struct EmaFunctor {
       using E = decltype(e);
       using S = decltype(s);
       using Acc = mta::AccOf<E, S>;
+      // torch.lerp(ema, src, w) as ATen computes it (Lerp.h, contracted to FMAs by nvcc):
+      // w < 0.5 ? fma(w, src - ema, ema) : fma(w - 1, src - ema, src), so decay 0 copies src
+      // exactly. The weight is the tensor's, so the branch is uniform across the block.
       const Acc w = static_cast<Acc>(1.0 - decay);
+      const bool from_ema = w < Acc(0.5);
+      const Acc coeff = from_ema ? w : w - Acc(1);  // exact: w is in [0.5, 1]
       const auto op = [&](int64_t, auto lanes, Acc* ema, Acc* src) {
 #pragma unroll
-        for (int k = 0; k < lanes; ++k) ema[k] = ema[k] + w * (src[k] - ema[k]);
+        for (int k = 0; k < lanes; ++k) ema[k] = fma(coeff, src[k] - ema[k], from_ema ? ema[k] : src[k]);
       };
       mta::for_each_pack<Acc>(begin, end, op, mta::updates(mta::list_ptr<E>(table, 0, t)),
                               mta::reads(mta::list_ptr<const S>(table, 1, t)));
