@@ -1,0 +1,4 @@
+"""Model merging (API.md, "Model merging"): mergekit's methods on tensors and on checkpoints."""
+from ._tensors import METHODS, merge_tensors
+
+__all__ = ["METHODS", "merge_tensors"]

@@ -1,0 +1,84 @@
+"""`merge_tensors`: mergekit's merge methods on one tensor (API.md, "Model merging"), with every
+argument checked before anything runs."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _backend, _validate
+from ..random import as_u64
+from ..reference import merge as reference
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+RANDOM = ("dare_linear", "dare_ties")
+RESCALES = ("density", "l1", "none")
+
+
+def _per_model(value, n: int, name: str, *, unit: bool = False) -> list[float]:
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} must be a float or one float per model ({n}), got {len(values)} values")
+    out = []
+    for i, v in enumerate(values):
+        label = f"{name}[{i}]" if isinstance(value, Sequence) else name
+        v = _validate.finite_float(v, label)
+        if unit and not 0.0 <= v <= 1.0:
+            raise ValueError(f"{label} must be in [0, 1], got {v}")
+        out.append(v)
+    return out
+
+
+def _tensors(base, models) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    if isinstance(models, torch.Tensor) or not isinstance(models, Sequence) or len(models) == 0:
+        raise TypeError("models must be a non-empty sequence of tensors")
+    like = base if base is not None else models[0]
+    label = "base" if base is not None else "models[0]"
+    if not isinstance(like, torch.Tensor):
+        raise TypeError(f"{label} must be a Tensor, got {type(like).__name__}")
+    if like.dtype not in _validate.FLOATING:
+        raise TypeError(f"{label} must be a floating tensor (fp16, bf16, fp32, fp64), got {like.dtype}")
+    for i, m in enumerate(models):
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"models[{i}] must be a Tensor, got {type(m).__name__}")
+        if m.shape != like.shape or m.dtype != like.dtype:
+            raise ValueError(f"models[{i}] must have {label}'s shape {tuple(like.shape)} and dtype {like.dtype}, "
+                             f"got {tuple(m.shape)} {m.dtype}")
+        if m.device != like.device:
+            raise ValueError(f"models[{i}] is on {m.device}, {label} on {like.device}: one device per call")
+    return like, list(models)
+
+
+def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: float = 1.0, normalize=None,
+                  rescale=None, seed: int = 0, key: int = 0, backend: str = "auto") -> torch.Tensor:
+    """One tensor of a merge of `models` into `base` by mergekit's `method` (API.md).
+
+    `weight` and `density`: a float or one per model. `normalize` None takes the method's
+    default (True for linear and ties), `rescale` None "density" for the dare_* methods. `key`
+    replaces `tensor_key(name)`: model i draws its DARE mask under key + i. `base` may be None
+    for linear.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if base is None and method != "linear":
+        raise ValueError(f"base may be None only for method 'linear', not {method!r}")
+    like, models = _tensors(base, models)
+    n = len(models)
+    weights = _per_model(weight, n, "weight")
+    densities = _per_model(density, n, "density", unit=True)
+    lam = _validate.finite_float(lam, "lam")
+    if normalize is None:
+        normalize = method in ("linear", "ties")
+    elif not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool or None, got {type(normalize).__name__}")
+    if rescale is None:
+        rescale = "density" if method in RANDOM else "none"
+    elif method not in RANDOM:
+        raise ValueError(f"rescale applies to the dare_* methods only, not {method!r}")
+    elif rescale not in RESCALES:
+        raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
+    seed, key = as_u64(seed, "seed"), as_u64(key, "key")
+    _backend.resolve(backend, like.device, "merge_tensors")
+    if like.numel() == 0:
+        return torch.empty_like(like)
+    return reference.merge_tensors(base, models, method, weights, densities, lam, normalize, rescale, seed, key)
