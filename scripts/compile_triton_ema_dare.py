@@ -40,12 +40,12 @@ def _ptr(dtype) -> str:
 
 def main() -> int:
     for e_dt, s_dt in ((tl.float32, tl.bfloat16), (tl.bfloat16, tl.float64), (tl.float16, tl.float16),
-                       (tl.float64, tl.float32)):
+                       (tl.float16, tl.float64), (tl.float64, tl.float32)):
         acc = tl.float64 if tl.float64 in (e_dt, s_dt) else tl.float32
         for has_ptr in (False, True):
             compile_one(te._ema_kernel, {"table": "*i64", "count": "i32", "decays": "*fp64", "decay_ptr": "*fp64"},
                         {"HAS_DECAY_PTR": has_ptr, "E": e_dt, "S": s_dt, "ACC": acc,
-                         "VIA_FP32": e_dt == tl.bfloat16 and acc == tl.float64, "CHUNK": te.CHUNK, "STEPS": 5})
+                         "VIA_FP32": e_dt in (tl.float16, tl.bfloat16) and acc == tl.float64, "CHUNK": te.CHUNK, "STEPS": 5})
     for dt in (tl.float32, tl.bfloat16, tl.float64):
         acc = tl.float64 if dt == tl.float64 else tl.float32
         for has_base, has_rows in ((True, False), (False, True), (True, True)):
