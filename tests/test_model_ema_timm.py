@@ -6,7 +6,6 @@ pulls in torchvision, which does not install beside every torch (`make test` ins
 """
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import importlib.util
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from ntkcl_fast import ModelEMA
 
 from ._helpers import device_backends, interpreted_triton
+from .test_model_ema import _bf16_pair
 
 
 def _load_timm_model_ema():
@@ -165,25 +165,15 @@ def test_positional_arguments_in_timms_order():
     _assert_equal(ours.module, theirs.module)
 
 
-def _bf16_start_and_target(n=16384):
-    """A bf16 model at 1.0 and the weights it trains toward, 2.0: at decay 0.9999 one update moves
-    the average by 1e-4, far under half a bf16 ulp (2**-8), so round-to-nearest never moves it."""
-    model = torch.nn.Linear(n, 1, bias=False).to(torch.bfloat16)
-    with torch.no_grad():
-        model.weight.fill_(1.0)
-    trained = copy.deepcopy(model)
-    with torch.no_grad():
-        trained.weight.fill_(2.0)
-    return model, trained
-
-
 def test_bf16_stochastic_rounding_moves_like_timms():
     """300 updates at decay 0.9999. Both average in fp32 and round stochastically, so the expected
     weight is the fp32 average 2 - 0.9999**300 (1.0296); the random draws differ (timm: its
     torch.Generator adding random low bits before truncation; ours: Philox), so the bits differ
     and the test compares statistics: each mean within 6 standard errors of that value, and of
     each other. Without stochastic rounding both stall at exactly 1.0."""
-    model, trained = _bf16_start_and_target()
+    # a bf16 model at 1.0 training toward 2.0: at decay 0.9999 one update moves the average by
+    # 1e-4, far under half a bf16 ulp (2**-8), so round-to-nearest never moves it
+    model, trained = _bf16_pair(16384)
     ours = ModelEMA(model, 0.9999, stochastic_rounding=True, stochastic_rounding_seed=1)
     theirs = TIMM.ModelEmaV3(model, 0.9999, stochastic_rounding=True, stochastic_rounding_seed=1)
     plain_ours = ModelEMA(model, 0.9999)
