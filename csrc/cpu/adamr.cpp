@@ -102,35 +102,43 @@ void adamr_chunk(const AdamRLists& l, size_t t, int64_t begin, int64_t end, cons
 }
 
 // Sum over [begin, end) of tensor t of the new second moment (its running max with AMSGrad), before
-// the bias correction; eight running sums added as a tree, a fixed order.
+// the bias correction. Nothing is written: tiles are read in place when they hold Acc, and each
+// vector lane keeps its own double sum (lanes added as a tree at the end), a fixed order.
 template <typename Acc>
 double v_sum_chunk(at::TensorList grads, at::TensorList exp_avg_sq, at::TensorList max_exp_avg_sq, size_t t,
                    int64_t begin, int64_t end, double beta2) {
   using V = at::vec::Vectorized<Acc>;
+  constexpr int kL = V::size();
   const bool ams = !max_exp_avg_sq.empty();
-  alignas(64) Acc g[kTile], v[kTile], vm[kTile];
+  cpu::ReadTile<Acc> g_tile(grads[t]), v_tile(exp_avg_sq[t]);
+  std::optional<cpu::ReadTile<Acc>> vm_tile;
+  if (ams) vm_tile.emplace(max_exp_avg_sq[t]);
   const Acc b2 = beta2;
   const V b2_v(b2), c2_v(1 - b2);
-  double sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  alignas(64) Acc lanes[kL];
+  double sum[kL] = {};
   for (int64_t pos = begin; pos < end; pos += kTile) {
     const int64_t n = std::min(kTile, end - pos);
-    cpu::load_tile(grads[t], pos, n, g);
-    cpu::load_tile(exp_avg_sq[t], pos, n, v);
-    if (ams) cpu::load_tile(max_exp_avg_sq[t], pos, n, vm);
+    const Acc* g = g_tile.read(pos, n);
+    const Acc* v = v_tile.read(pos, n);
+    const Acc* vm = ams ? vm_tile->read(pos, n) : nullptr;
     int64_t j = 0;
-    for (; j + V::size() <= n; j += V::size()) {
+    for (; j + kL <= n; j += kL) {
       const V gj = V::loadu(g + j);
       V vj = b2_v * V::loadu(v + j) + c2_v * gj * gj;
       if (ams) vj = at::vec::maximum(V::loadu(vm + j), vj);
-      vj.store(v + j);
+      vj.store(lanes);
+      for (int l = 0; l < kL; ++l) sum[l] += static_cast<double>(lanes[l]);
     }
     for (; j < n; ++j) {
       const Acc vj = b2 * v[j] + (1 - b2) * g[j] * g[j];
-      v[j] = ams ? max_nan(vm[j], vj) : vj;
+      sum[j % kL] += static_cast<double>(ams ? max_nan(vm[j], vj) : vj);
     }
-    for (j = 0; j < n; ++j) sum[j & 7] += static_cast<double>(v[j]);
   }
-  return ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
+  for (int width = kL / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) sum[l] += sum[l + width];
+  }
+  return sum[0];
 }
 
 void adamr_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
