@@ -153,6 +153,7 @@ def _run(jobs: list[Job], shards, directory: Path, cfg: MergeConfig, seed: int, 
     threads = [threading.Thread(target=read_all, daemon=True), threading.Thread(target=write_all, daemon=True)]
     for t in threads:
         t.start()
+    done = 0
     try:
         while (item := _get(loaded, stop)) is not _DONE:
             job, base, models = item
@@ -161,8 +162,8 @@ def _run(jobs: list[Job], shards, directory: Path, cfg: MergeConfig, seed: int, 
                 break
             if bar is not None:
                 bar.update(sum(e.end - e.begin for e in (job.base, *job.models) if e is not None))
-                bar.set_postfix_str(f"{bar.n_tensors + 1}/{len(jobs)} tensors", refresh=False)
-                bar.n_tensors += 1
+                done += 1
+                bar.set_postfix_str(f"{done}/{len(jobs)} tensors", refresh=False)
         else:
             _put(merged, _DONE, stop)
     except BaseException:
@@ -248,7 +249,6 @@ def merge_checkpoints(config, out_dir, *, device=None, seed=None, shard_size="5G
             from tqdm.auto import tqdm
             total = sum(e.end - e.begin for j in jobs for e in (j.base, *j.models) if e is not None)
             bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merge", dynamic_ncols=True)
-            bar.n_tensors = 0
         _run(jobs, shards, built, cfg, seed, device, backend, bar)
         _copy_side_files(cfg, reference, built)
         _install(built, out)
