@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The torch to install when the environment has none. Pinned so a CPU-only machine gets the
 # CPU build; on a GPU machine pick the build matching your driver, e.g. TORCH_SPEC="torch==2.11.0".
 TORCH_SPEC ?= torch==2.13.0
-DEPS := numpy ninja pybind11 setuptools wheel "triton>=3.0" pytest pytest-benchmark hypothesis expecttest matplotlib tqdm safetensors scikit-learn
+DEPS := numpy ninja pybind11 setuptools wheel "triton>=3.0" pytest pytest-benchmark hypothesis expecttest matplotlib tqdm safetensors pyyaml scikit-learn
 # peft for the parity tests of the PEFT-style merge helpers (it brings transformers, pure Python)
 TEST_DEPS := peft
 # timm for the ModelEMA parity tests, without its dependencies: they include torchvision, whose pin

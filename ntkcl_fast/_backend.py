@@ -34,7 +34,10 @@ AUTO_ORDER = {
 def _has_kernel(op: str, dispatch_key: str) -> bool:
     if _C is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"ntkcl_fast::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"ntkcl_fast::{op}", dispatch_key)
+    except RuntimeError:  # an extension built before `op` existed has no schema for it
+        return False
 
 
 @functools.lru_cache(maxsize=None)

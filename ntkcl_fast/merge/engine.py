@@ -1,0 +1,261 @@
+"""`merge_checkpoints`: a mergekit config merged tensor by tensor into an HF checkpoint (API.md,
+"Model merging").
+
+Three stages run at once, joined by bounded queues so memory holds only a few tensors: a reader
+thread copies the next tensors of every model out of their memory maps, the calling thread
+merges, a writer thread streams results into the shard files planned up front. Everything is
+checked from the headers before the first byte of tensor data is read, and the output is built
+in a hidden directory beside OUT_DIR that is renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import _validate
+from ..random import as_u64, tensor_key
+from ._tensors import merge_tensors
+from .config import MergeConfig, TensorParams, layer_fraction, layer_index, load_config, tensor_params
+from .io import MappedReader, OutEntry, ShardWriter, TensorEntry, parse_size, plan_shards, read_model
+
+# mergekit's list (mergekit/merge.py `_copy_tokenizer`): tokenizer files and their companions
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+QUEUE_DEPTH = 2  # tensors in flight between two stages
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class Job:
+    out: OutEntry
+    base: TensorEntry | None  # None: linear without a base
+    models: tuple[TensorEntry, ...]
+    params: TensorParams | None  # None: a non-floating tensor, copied from the base
+    key: int
+    compute: torch.dtype  # what the inputs are cast to before merging: mergekit's `dtype`, else the base's
+
+
+def _num_layers(reference: Path, names) -> int:
+    """The layer count mergekit interpolates over: config.json's num_hidden_layers, else the names'."""
+    try:
+        n = json.loads((reference / "config.json").read_text(encoding="utf-8")).get("num_hidden_layers")
+        if isinstance(n, int) and n > 0:
+            return n
+    except (OSError, ValueError, AttributeError):
+        pass
+    indices = {i for i in map(layer_index, names) if i is not None}
+    return max(indices) + 1 if indices else 0
+
+
+def plan(cfg: MergeConfig) -> tuple[list[Job], Path]:
+    """Every output tensor with its inputs and merge arguments, from the headers only."""
+    reference = cfg.base or cfg.models[0].path
+    base_label = "base_model" if cfg.base else f"model {str(reference)!r}"
+    base_table = read_model(reference, base_label)
+    tables = [read_model(m.path, f"model {str(m.path)!r}") for m in cfg.models]
+    num_layers = _num_layers(reference, base_table)
+    jobs = []
+    for name, b in base_table.items():
+        floating = b.dtype in _validate.FLOATING
+        if not floating and b.dtype.is_floating_point:
+            raise ValueError(f"{base_label}: tensor {name!r} is {b.dtype}, which cannot be merged")
+        sources = []
+        for spec, table in zip(cfg.models, tables):
+            label = f"model {str(spec.path)!r}"
+            entry = table.get(name)
+            if entry is None:
+                raise ValueError(f"{label}: tensor {name!r} of {base_label} is missing")
+            if entry.shape != b.shape:
+                raise ValueError(f"{label}: tensor {name!r} has shape {list(entry.shape)}, "
+                                 f"{base_label} has {list(b.shape)}")
+            if floating and entry.dtype not in _validate.FLOATING:
+                raise ValueError(f"{label}: tensor {name!r} is {entry.dtype}, {base_label}'s is {b.dtype}")
+            sources.append(entry)
+        out_dtype = (cfg.out_dtype or cfg.dtype or b.dtype) if floating else b.dtype
+        params = tensor_params(cfg, name, layer_fraction(name, num_layers)) if floating else None
+        jobs.append(Job(OutEntry(name, out_dtype, b.shape), b if cfg.base or not floating else None,
+                        tuple(sources), params, tensor_key(name), cfg.dtype or b.dtype))
+    return jobs, reference
+
+
+def _merge(job: Job, base, models, cfg: MergeConfig, seed: int, device, backend: str) -> torch.Tensor:
+    """One output tensor (on the CPU, in its output dtype)."""
+    if job.params is None:
+        return base
+    base = None if job.base is None else base.to(device, job.compute, non_blocking=True)
+    models = [m.to(device, job.compute, non_blocking=True) for m in models]
+    p = job.params
+    merged = merge_tensors(base, models, method=cfg.method, weight=list(p.weight), density=list(p.density),
+                           lam=p.lam, normalize=p.normalize, rescale=p.rescale, seed=seed, key=job.key,
+                           backend=backend)
+    return merged.to(job.out.dtype).cpu()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                return _DONE
+
+
+def _run(jobs: list[Job], shards, directory: Path, cfg: MergeConfig, seed: int, device, backend: str,
+         bar) -> None:
+    stop, errors = threading.Event(), []
+    loaded, merged = queue.Queue(QUEUE_DEPTH), queue.Queue(QUEUE_DEPTH)
+    reader, writer = MappedReader(), ShardWriter(directory, shards)
+    pin = device.type == "cuda"
+
+    def read_all():
+        try:
+            for job in jobs:
+                base = reader.read(job.base, pin=pin) if job.base is not None else None
+                models = [] if job.params is None else [reader.read(e, pin=pin) for e in job.models]
+                if not _put(loaded, (job, base, models), stop):
+                    return
+            _put(loaded, _DONE, stop)
+        except BaseException as e:  # handed to the calling thread, which raises it
+            errors.append(e)
+            stop.set()
+
+    def write_all():
+        try:
+            while (item := _get(merged, stop)) is not _DONE:
+                writer.write(*item)
+            if not stop.is_set():
+                writer.finish()
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+        finally:
+            writer.abort()
+
+    threads = [threading.Thread(target=read_all, daemon=True), threading.Thread(target=write_all, daemon=True)]
+    for t in threads:
+        t.start()
+    done = 0
+    try:
+        while (item := _get(loaded, stop)) is not _DONE:
+            job, base, models = item
+            out = _merge(job, base, models, cfg, seed, device, backend)
+            if not _put(merged, (job.out, out), stop):
+                break
+            if bar is not None:
+                bar.update(sum(e.end - e.begin for e in (job.base, *job.models) if e is not None))
+                done += 1
+                bar.set_postfix_str(f"{done}/{len(jobs)} tensors", refresh=False)
+        else:
+            _put(merged, _DONE, stop)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for t in threads:
+            t.join()
+        reader.close()
+    if errors:
+        raise errors[0]
+    if stop.is_set():
+        raise RuntimeError("the merge stopped before it finished")
+
+
+def _copy_side_files(cfg: MergeConfig, reference: Path, directory: Path) -> None:
+    config = reference / "config.json"
+    if config.is_file():
+        out_dtype = cfg.out_dtype or cfg.dtype
+        if out_dtype is None:
+            shutil.copyfile(config, directory / "config.json")
+        else:  # as mergekit does: the saved dtype in the model's config
+            content = json.loads(config.read_text(encoding="utf-8"))
+            content["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+            (directory / "config.json").write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    donor = cfg.tokenizer_source or reference
+    for name in TOKENIZER_FILES:
+        if (donor / name).is_file():
+            shutil.copyfile(donor / name, directory / name)
+    (directory / "merge_config.yml").write_text(cfg.text, encoding="utf-8")
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"out_dir {str(out)!r} exists and is not empty (pass overwrite=True / --overwrite)")
+
+
+def _install(built: Path, out: Path) -> None:
+    """Rename the finished build into place; an old OUT_DIR is moved aside first, then removed."""
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "out")
+        else:
+            out.rmdir()
+    os.rename(built, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def merge_checkpoints(config, out_dir, *, device=None, seed=None, shard_size="5GB", progress: bool = True,
+                      overwrite: bool = False, backend: str = "auto") -> Path:
+    """Merge the checkpoints of a mergekit `config` (YAML path or dict) into `out_dir` (API.md).
+
+    Bad config, a missing model or tensor, or a shape mismatch raises ValueError naming the model
+    and tensor before any tensor data is read; nothing is created then. Returns `out_dir`.
+    """
+    cfg = load_config(config)
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
+        raise TypeError(f"out_dir must be a path, got {out_dir!r}")
+    out = Path(out_dir).expanduser().absolute()
+    _check_out_dir(out, overwrite)
+    shard_bytes = parse_size(shard_size)
+    seed = 0 if seed is None else as_u64(seed, "seed")
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for, but torch finds no CUDA device")
+    jobs, reference = plan(cfg)
+    shards = plan_shards([j.out for j in jobs], shard_bytes)
+    by_name = {j.out.name: j for j in jobs}
+    jobs = [by_name[e.name] for shard in shards for e in shard]  # the order the files hold them
+    out.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    bar = None
+    try:
+        if progress:
+            from tqdm.auto import tqdm
+            total = sum(e.end - e.begin for j in jobs for e in (j.base, *j.models) if e is not None)
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merge", dynamic_ncols=True)
+        _run(jobs, shards, built, cfg, seed, device, backend, bar)
+        _copy_side_files(cfg, reference, built)
+        _install(built, out)
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
