@@ -50,6 +50,11 @@ TORCH_LIBRARY(ntkcl_fast, m) {
         "int[] keys) -> ()");
   // keep exactly the k entries of largest |delta| (ties to lower flat index), zero the rest.
   m.def("magnitude_prune_(Tensor(a!) delta, int k) -> ()");
+  // One tensor of a model merge (docs/API.md, "Model merging"): method linear, task_arithmetic, ties,
+  // dare_linear or dare_ties; weights and densities one per model; rescale density, l1 or none (dare_*);
+  // model i draws its DARE mask under key + i. base may be None for linear. Returns a new tensor.
+  m.def("merge_tensors(Tensor? base, Tensor[] models, str method, float[] weights, float[] densities, "
+        "float lam, bool normalize, str rescale, int seed, int key) -> Tensor");
   // Orthogonality and feature losses (docs/API.md): 0-d value in fp32 (fp64 when an input is fp64)
   // and closed-form gradients in each input's dtype; rows normalized as x / max(||x||, 1e-12).
   // feature_orthogonality returns (value, S = n(f) n(p)^T [B, K], max(||f_i||, eps) [B],

@@ -7,12 +7,22 @@ from collections.abc import Sequence
 import torch
 
 from .. import _backend, _validate
-from ..random import as_u64
+from ..random import as_i64, as_u64
 from ..reference import merge as reference
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 RANDOM = ("dare_linear", "dare_ties")
 RESCALES = ("density", "l1", "none")
+
+
+def _merge_fake(base, models, method, weights, densities, lam, normalize, rescale, seed, key):
+    like = base if base is not None else models[0]
+    torch._check(len(models) == len(weights) == len(densities), lambda: "one weight and density per model")
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+if _backend._C is not None:
+    torch.library.register_fake("ntkcl_fast::merge_tensors")(_merge_fake)
 
 
 def _per_model(value, n: int, name: str, *, unit: bool = False) -> list[float]:
@@ -78,7 +88,18 @@ def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: fl
     elif rescale not in RESCALES:
         raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
-    _backend.resolve(backend, like.device, "merge_tensors")
+    name = _backend.resolve(backend, like.device, "merge_tensors")
+    if name == "triton":  # no Triton kernel yet: auto on CUDA falls through to the reference
+        if backend == "triton":
+            raise RuntimeError("backend 'triton' is not available: merge_tensors has no Triton kernel")
+        name = "torch"
     if like.numel() == 0:
         return torch.empty_like(like)
-    return reference.merge_tensors(base, models, method, weights, densities, lam, normalize, rescale, seed, key)
+    if name == "torch":
+        return reference.merge_tensors(base, models, method, weights, densities, lam, normalize, rescale, seed,
+                                       key).reshape(like.shape)
+    dense = _backend.dense(models)
+    out = _backend.kernel(name, "merge_tensors")(None if base is None else base.contiguous(), dense, method,
+                                                  weights, densities, lam, normalize, rescale, as_i64(seed),
+                                                  as_i64(key))
+    return out

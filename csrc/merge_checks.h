@@ -1,0 +1,71 @@
+// Argument checks and the parsed method of ntkcl_fast::merge_tensors, shared by the CPU and CUDA
+// kernels. The Python API checks the same first with the user's argument names; these guard
+// direct torch.ops calls.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <optional>
+#include <string_view>
+
+#include "checks.h"
+
+namespace ntkcl_fast {
+
+enum class Sparsify { kNone, kMagnitude, kRandom };
+enum class Rescale { kDensity, kL1, kNone };
+
+struct MergeMethod {
+  bool linear = false;     // sum_i w_i m_i, no base
+  Sparsify sparsify = Sparsify::kNone;
+  bool consensus = false;  // TIES sign election
+};
+
+inline MergeMethod parse_merge_method(std::string_view name) {
+  if (name == "linear") return {true, Sparsify::kNone, false};
+  if (name == "task_arithmetic") return {false, Sparsify::kNone, false};
+  if (name == "ties") return {false, Sparsify::kMagnitude, true};
+  if (name == "dare_linear") return {false, Sparsify::kRandom, false};
+  if (name == "dare_ties") return {false, Sparsify::kRandom, true};
+  TORCH_CHECK_VALUE(false, "method must be one of linear, task_arithmetic, ties, dare_linear, dare_ties, got '",
+                    name, "'");
+}
+
+inline Rescale parse_rescale(std::string_view name) {
+  if (name == "density") return Rescale::kDensity;
+  if (name == "l1") return Rescale::kL1;
+  if (name == "none") return Rescale::kNone;
+  TORCH_CHECK_VALUE(false, "rescale must be one of density, l1, none, got '", name, "'");
+}
+
+// Returns the tensor whose shape, dtype and device the output takes (base, or models[0]).
+inline const at::Tensor& check_merge_args(const at::Tensor* base, at::TensorList models, const MergeMethod& method,
+                                          at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam,
+                                          c10::DeviceType device) {
+  TORCH_CHECK_VALUE(!models.empty(), "models must be a non-empty list of tensors");
+  TORCH_CHECK_VALUE(base != nullptr || method.linear, "base may be None only for method linear");
+  const at::Tensor& like = base ? *base : models[0];
+  const Arg like_arg = base ? Arg{"base"} : Arg{"models", 0};
+  check_float(like, like_arg);
+  TORCH_CHECK_VALUE(like.device().type() == device, like_arg, " must be on a ", c10::DeviceTypeName(device),
+                    " device");
+  TORCH_CHECK_VALUE(like.is_contiguous(), like_arg, " must be contiguous");
+  for (size_t i = 0; i < models.size(); ++i) {
+    const Arg m = at_index("models", i);
+    TORCH_CHECK_TYPE(models[i].scalar_type() == like.scalar_type(), m, " must have the dtype of ", like_arg);
+    TORCH_CHECK_VALUE(models[i].sizes() == like.sizes(), m, " must have the shape of ", like_arg);
+    TORCH_CHECK_VALUE(models[i].device() == like.device(), m, " must be on the device of ", like_arg);
+    TORCH_CHECK_VALUE(models[i].is_contiguous(), m, " must be contiguous");
+  }
+  TORCH_CHECK_VALUE(weights.size() == models.size() && densities.size() == models.size(),
+                    "weights and densities must have one value per model (", models.size(), "), got ",
+                    weights.size(), " and ", densities.size());
+  for (size_t i = 0; i < models.size(); ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(weights[i]), at_index("weights", i), " must be finite");
+    TORCH_CHECK_VALUE(densities[i] >= 0.0 && densities[i] <= 1.0, at_index("densities", i), " must be in [0, 1]");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(lam), "lam must be finite");
+  return like;
+}
+
+}  // namespace ntkcl_fast
