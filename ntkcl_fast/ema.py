@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _backend, _validate
+from . import _backend, _validate, distributed
 from ._value_checks import checked_values
 from .random import as_i64, as_u64, philox_words
 from .reference import ema as reference
@@ -100,6 +100,9 @@ def ema_update_(ema, src, decay, *, backend: str = "auto") -> None:
     ema = _validate.tensor_list(ema, "ema")
     src = _validate.tensor_list(src, "src")
     _validate.same_length(ema, "ema", src, "src")
+    if ema and distributed.is_dtensor(ema[0]):
+        distributed.ema_update_(ema, src, decay, backend)
+        return
     device = ema[0].device if ema else torch.device("cpu")
     name = _backend.resolve(backend, device, "ema_update_")
     if name in ("cpu", "cuda") and all(t.is_contiguous() for t in ema) and all(t.is_contiguous() for t in src):
