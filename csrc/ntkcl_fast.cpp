@@ -42,9 +42,10 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   // DARE keep rule of docs/API.md (Philox4x32-10, csrc/cuda/philox.h); seed and key are uint64 bits
   // in int64. With base: out <- kept ? base + (finetuned - base) / q : base; without base (delta
   // mode): out <- kept ? finetuned / q : 0. q is q_rows[row] when q_rows is given. out may be
-  // finetuned or base itself.
+  // finetuned or base itself. Flat element i draws the keep rule's u(offset + i) (offset >= 0: the
+  // global index of a shard's first element), rows of q_rows stay local.
   m.def("dare_(Tensor(a!) out, Tensor finetuned, Tensor? base, int threshold, float q, Tensor? q_rows, "
-        "int seed, int key) -> ()");
+        "int seed, int key, int offset=0) -> ()");
   // dare_ over a list (one launch per device on CUDA), per-tensor q and key.
   m.def("dare_multi_(Tensor(a!)[] out, Tensor[] finetuned, Tensor[] base, int threshold, float[] q, int seed, "
         "int[] keys) -> ()");

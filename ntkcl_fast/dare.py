@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _backend, _validate
+from . import _backend, _validate, distributed
 from ._value_checks import checked_values
 from .darex import darex_analytic_q, darex_q_search  # re-exported: the package imports them from here
 from .random import M64, as_i64, as_u64, tensor_key, threshold
@@ -24,7 +24,7 @@ __all__ = ["dare", "dare_delta_", "dare_mask", "dare_state_dict", "darex_analyti
 
 # ------------------------------------------------------------------------------ op registrations
 
-def _dare_fake(out, finetuned, base, threshold, q, q_rows, seed, key):
+def _dare_fake(out, finetuned, base, threshold, q, q_rows, seed, key, offset=0):
     torch._check(out.shape == finetuned.shape, lambda: "out and finetuned must have the same shape")
     torch._check(base is None or base.shape == out.shape, lambda: "base and out must have the same shape")
 
@@ -49,9 +49,9 @@ if _backend._C is not None:
 # The Triton kernels as ops with the extension's schemas (seed and key are uint64 bits in int64).
 @torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::dare_", mutates_args=("out",))
 def _triton_dare_(out: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor | None, threshold: int,
-                  q: float, q_rows: torch.Tensor | None, seed: int, key: int) -> None:
+                  q: float, q_rows: torch.Tensor | None, seed: int, key: int, offset: int = 0) -> None:
     from .triton.dare import dare_ as launch
-    launch(out, finetuned, base, threshold, q, q_rows, seed & M64, key & M64)
+    launch(out, finetuned, base, threshold, q, q_rows, seed & M64, key & M64, offset)
 
 
 @torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::dare_multi_", mutates_args=("out",))
@@ -171,18 +171,18 @@ def _rescale_arg(rescale, q) -> str:
 # ------------------------------------------------------------------------------------- kernels
 
 def _kernel(name: str, work: torch.Tensor, fin: torch.Tensor, base: torch.Tensor | None, t: int, q: float,
-            q_rows: torch.Tensor | None, seed: int, key: int) -> None:
+            q_rows: torch.Tensor | None, seed: int, key: int, offset: int) -> None:
     """work <- merge of contiguous inputs (work may be fin or base), on a compiled or Triton backend."""
     if work.numel():
-        _backend.kernel(name, "dare_")(work, fin, base, t, q, q_rows, as_i64(seed), as_i64(key))
+        _backend.kernel(name, "dare_")(work, fin, base, t, q, q_rows, as_i64(seed), as_i64(key), offset)
 
 
 def _run_one(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch.Tensor | None, p: float,
-             q: float, q_rows: torch.Tensor | None, seed: int, key: int) -> torch.Tensor:
+             q: float, q_rows: torch.Tensor | None, seed: int, key: int, offset: int) -> torch.Tensor:
     if name == "torch":
         qq = q_rows if q_rows is not None else q
-        res = (reference.dare(fin, base, p, qq, seed, key) if base is not None
-               else reference.dare_delta(fin, p, qq, seed, key))
+        res = (reference.dare(fin, base, p, qq, seed, key, offset) if base is not None
+               else reference.dare_delta(fin, p, qq, seed, key, offset))
         if out is None:
             return res
         return out.copy_(res)
@@ -194,7 +194,7 @@ def _run_one(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch
         work = out  # in place on finetuned/base is fine: each element is read before it is written
     else:
         work = torch.empty_like(fw, memory_format=torch.contiguous_format)
-    _kernel(name, work, fw, bw, threshold(p), q, q_rows, seed, key)
+    _kernel(name, work, fw, bw, threshold(p), q, q_rows, seed, key, offset)
     if out is None:
         return work
     if work is not out:
@@ -203,7 +203,7 @@ def _run_one(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch
 
 
 def _run_l1(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch.Tensor | None, p: float,
-            seed: int, key: int) -> torch.Tensor:
+            seed: int, key: int, offset: int) -> torch.Tensor:
     """`base + keep * delta * (||delta||_1 / ||keep * delta||_1)`, unscaled when either norm is below
     L1_EPS (mergekit >= 0.1), in fp32 (fp64 for fp64) and rounded once.
 
@@ -212,7 +212,7 @@ def _run_l1(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch.
     """
     acc = torch.float64 if fin.dtype == torch.float64 else torch.float32
     delta = fin.to(acc) - base.to(acc) if base is not None else fin.to(acc)
-    kept = _run_one(name, None, delta, None, p, 1.0, None, seed, key)
+    kept = _run_one(name, None, delta, None, p, 1.0, None, seed, key, offset)
     before, after = delta.abs().sum(), kept.abs().sum()
     unscaled = (before < L1_EPS) | (after < L1_EPS)
     scaled = kept * torch.where(unscaled, torch.ones_like(before), before / after)
@@ -220,60 +220,79 @@ def _run_l1(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch.
     return res if out is None else out.copy_(res)
 
 
-def _run(name: str, out, fin, base, p: float, q: float, q_rows, rescale: str, seed: int, key: int):
+def _run(name: str, out, fin, base, p: float, q: float, q_rows, rescale: str, seed: int, key: int,
+         offset: int = 0):
     if rescale == "l1":
-        return _run_l1(name, out, fin, base, p, seed, key)
-    return _run_one(name, out, fin, base, p, 1.0 if rescale == "none" else q, q_rows, seed, key)
+        return _run_l1(name, out, fin, base, p, seed, key, offset)
+    return _run_one(name, out, fin, base, p, 1.0 if rescale == "none" else q, q_rows, seed, key, offset)
+
+
+def _offset_arg(offset) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return offset
 
 
 # ------------------------------------------------------------------------------------- public API
 
-def dare_mask(shape, p: float, *, seed: int = 0, key: int = 0, device=None, backend: str = "auto") -> torch.Tensor:
-    """BoolTensor of `shape`, True where DARE keeps the element (the keep rule of docs/API.md)."""
+def dare_mask(shape, p: float, *, seed: int = 0, key: int = 0, offset: int = 0, device=None,
+              backend: str = "auto") -> torch.Tensor:
+    """BoolTensor of `shape`, True where DARE keeps the element (the keep rule of docs/API.md);
+    flat element j is the rule's element `offset + j`."""
     shape = _shape_arg(shape)
     p = _validate.unit_interval(p, "p")
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
+    offset = _offset_arg(offset)
     device = torch.device(device) if device is not None else torch.device("cpu")
     name = _backend.resolve(backend, device, "dare_")
     if name == "torch":
-        return reference.keep_mask(shape, p, seed, key, device)
+        return reference.keep_mask(shape, p, seed, key, device, offset)
     ones = torch.ones(shape, dtype=torch.float32, device=device)
-    _kernel(name, ones, ones, None, threshold(p), 1.0, None, seed, key)
+    _kernel(name, ones, ones, None, threshold(p), 1.0, None, seed, key, offset)
     return ones != 0
 
 
 @torch.no_grad()
 def dare(finetuned, base, p: float, *, q=None, rescale: str = "density", seed: int = 0, key: int = 0, out=None,
-         backend: str = "auto") -> torch.Tensor:
+         offset: int = 0, backend: str = "auto") -> torch.Tensor:
     """`base + keep * (finetuned - base) / q`, q = 1 - p by default (DARE), a float or one per row (DAREx-q).
 
     `rescale`: "density" (the division by q above), "l1" (kept entries times
     ||delta||_1 / ||kept delta||_1 of the tensor, mergekit >= 0.1) or "none".
     `out` may be `finetuned` or `base` itself (in place). The math runs in fp32 (fp64 for fp64)
-    and is rounded once.
+    and is rounded once. Flat element j draws the keep rule's element `offset + j`; a DTensor
+    takes each shard's global offset itself.
     """
+    if distributed.is_dtensor(finetuned):
+        return distributed.dare(finetuned, base, p, q, rescale, seed, key, out, offset, backend)
     _pair(finetuned, base)
     p = _validate.unit_interval(p, "p")
     rescale = _rescale_arg(rescale, q)
     qv, q_rows = _q_arg(q, p, finetuned)
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
+    offset = _offset_arg(offset)
     out = _out_arg(out, finetuned, base)
     name = _backend.resolve(backend, finetuned.device, "dare_")
-    return _run(name, out, finetuned, base, p, qv, q_rows, rescale, seed, key)
+    return _run(name, out, finetuned, base, p, qv, q_rows, rescale, seed, key, offset)
 
 
 @torch.no_grad()
 def dare_delta_(delta, p: float, *, q=None, rescale: str = "density", seed: int = 0, key: int = 0,
-                backend: str = "auto") -> torch.Tensor:
-    """In place `delta <- keep * delta / q` (same keep rule, q and `rescale` as `dare`); returns `delta`."""
+                offset: int = 0, backend: str = "auto") -> torch.Tensor:
+    """In place `delta <- keep * delta / q` (same keep rule, q, `rescale` and `offset` as `dare`); returns `delta`."""
+    if distributed.is_dtensor(delta):
+        return distributed.dare_delta_(delta, p, q, rescale, seed, key, offset, backend)
     _floating(delta, "delta")
     _writable(delta, "delta")
     p = _validate.unit_interval(p, "p")
     rescale = _rescale_arg(rescale, q)
     qv, q_rows = _q_arg(q, p, delta)
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
+    offset = _offset_arg(offset)
     name = _backend.resolve(backend, delta.device, "dare_")
-    return _run(name, delta, delta, None, p, qv, q_rows, rescale, seed, key)
+    return _run(name, delta, delta, None, p, qv, q_rows, rescale, seed, key, offset)
 
 
 @torch.no_grad()

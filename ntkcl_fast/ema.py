@@ -1,12 +1,13 @@
 """EMA / parameter averaging: `ema_update_`, `ModelEMA` (timm ModelEmaV3 drop-in), `ema_multi_avg_fn`."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 
 import torch
 
-from . import _backend, _validate
+from . import _backend, _validate, distributed, distributed_ema
 from ._value_checks import checked_values
 from .random import as_i64, as_u64, philox_words
 from .reference import ema as reference
@@ -100,6 +101,9 @@ def ema_update_(ema, src, decay, *, backend: str = "auto") -> None:
     ema = _validate.tensor_list(ema, "ema")
     src = _validate.tensor_list(src, "src")
     _validate.same_length(ema, "ema", src, "src")
+    if ema and distributed.is_dtensor(ema[0]):
+        distributed.ema_update_(ema, src, decay, backend)
+        return
     device = ema[0].device if ema else torch.device("cpu")
     name = _backend.resolve(backend, device, "ema_update_")
     if name in ("cpu", "cuda") and all(t.is_contiguous() for t in ema) and all(t.is_contiguous() for t in src):
@@ -196,11 +200,20 @@ class ModelEMA(torch.nn.Module):
         _validate.unit_interval(min_decay, "min_decay")
         if dtype is not None and dtype not in _validate.FLOATING:
             raise TypeError(f"dtype must be one of fp16, bf16, fp32, fp64, got {dtype}")
-        self.module = copy.deepcopy(model)
-        self.module.eval()
-        self.module.requires_grad_(False)
-        if device is not None or dtype is not None:
-            self.module.to(device=device, dtype=dtype)  # Module.to casts floating tensors only
+        model = distributed_ema.unwrap(model)
+        # an FSDP2 model cannot be deep-copied: its average is kept as local shards, no `.module`
+        self._sharded = None
+        if distributed_ema.is_sharded(model):
+            if stochastic_rounding:
+                raise ValueError("stochastic_rounding is not supported for FSDP2-sharded models")
+            self.module = None
+            self._sharded = distributed_ema.ShardedAverage(model, dtype, device, persistent_only=not exclude_buffers)
+        else:
+            self.module = copy.deepcopy(model)
+            self.module.eval()
+            self.module.requires_grad_(False)
+            if device is not None or dtype is not None:
+                self.module.to(device=device, dtype=dtype)  # Module.to casts floating tensors only
         self.decay = decay
         self.min_decay = min_decay
         self.update_after_step = update_after_step
@@ -254,6 +267,10 @@ class ModelEMA(torch.nn.Module):
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int | None = None, *, decay: float | None = None) -> None:
         decay = self.get_decay(step) if decay is None else _validate.unit_interval(decay, "decay")
+        model = distributed_ema.unwrap(model)
+        if self._sharded is not None:
+            self._sharded.update(decay, self.backend, average_buffers=not self.exclude_buffers)
+            return
         # like timm: with exclude_buffers every buffer is copied (module.buffers()), else only
         # state_dict()'s are touched, so a non-persistent buffer keeps the value it was copied with
         ema_p, model_p, ema_b, model_b = self._pairs(model, persistent_only=not self.exclude_buffers)
@@ -290,9 +307,58 @@ class ModelEMA(torch.nn.Module):
     @torch.no_grad()
     def set(self, model: torch.nn.Module) -> None:
         """Copies every value of state_dict() (parameters and persistent buffers), as timm does."""
-        ema_p, model_p, ema_b, model_b = self._pairs(model, persistent_only=True)
+        if self._sharded is not None:
+            self._sharded.set()
+            return
+        ema_p, model_p, ema_b, model_b = self._pairs(distributed_ema.unwrap(model), persistent_only=True)
         for e, s in zip(ema_p + ema_b, model_p + model_b):
             e.copy_(s.to(e.device))
 
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Writes the average into `model` (plain, DDP or FSDP2): parameters and persistent buffers."""
+        if self._sharded is not None:
+            self._sharded.copy_to(model)
+            return
+        module = distributed_ema.unwrap(model)
+        ema_p, _, ema_b, _ = self._pairs(module, persistent_only=True)
+        targets = [p for _, p in module.named_parameters()] + _buffers(module, True)
+        for t, e in zip(targets, ema_p + ema_b):
+            t.detach().copy_(e.to(t.device))
+
+    @contextlib.contextmanager
+    def average_parameters(self, model: torch.nn.Module):
+        """`with ema.average_parameters(model):` runs the block with the average in `model`, then
+        puts the trained values back exactly (for evaluation with the EMA weights)."""
+        module = distributed_ema.unwrap(model)
+        targets = [p for _, p in module.named_parameters()] + _buffers(module, True)
+        local = [t.to_local() if distributed.is_dtensor(t) else t for t in targets]
+        saved = [t.detach().clone() for t in local]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for t, s in zip(local, saved):
+                    t.copy_(s)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        if self._sharded is None:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        out = self._sharded.state_dict(prefix + "module.")
+        if destination is not None:
+            destination.update(out)
+            return destination
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self._sharded is None:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._sharded.load_state_dict(state_dict, "module.")
+        return torch.nn.modules.module._IncompatibleKeys([], [])
+
     def forward(self, *args, **kwargs):
+        if self.module is None:
+            raise RuntimeError("an FSDP2 model's average is kept as shards; evaluate it with "
+                               "`with ema.average_parameters(model):`")
         return self.module(*args, **kwargs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _validate
+from . import _backend, _validate, distributed
 from .reference import penalty as reference
 
 _NAMESPACES = (("ntkcl_fast",) if _backend._C is not None else ()) + (_backend.TRITON_NAMESPACE,)
@@ -147,6 +147,8 @@ def l2_penalty(params, anchors, importance=None, *, lam: float = 1.0, half: bool
     """
     scale = _scale(lam, half)
     params, anchors, importance = _lists(params, anchors, importance)
+    if params and distributed.is_dtensor(params[0]):
+        return distributed.l2_penalty(params, anchors, importance, lam, half, backend)
     name = _backend.resolve(backend, _device(params), "l2_penalty")
     dense = _compiled_checks(name, params, anchors, importance)
     if not dense:
@@ -198,6 +200,8 @@ def l2_penalty_grad_(params, anchors, importance=None, *, lam: float = 1.0, half
     None) without an autograd graph, and returns the penalty value (0-d fp32)."""
     scale = _scale(lam, half)
     params, anchors, importance = _lists(params, anchors, importance)
+    if params and distributed.is_dtensor(params[0]):
+        return distributed.l2_penalty_grad_(params, anchors, importance, lam, half, backend)
     name = _backend.resolve(backend, _device(params), "l2_penalty_grad_")
     rounds = _occurrences(params)
     first = rounds[0] if rounds else []
@@ -250,6 +254,9 @@ def fisher_accumulate_(fisher, grads, *, scale: float = 1.0, decay: float = 1.0,
     _validate.same_length(fisher, "fisher", grads, "grads")
     scale = _validate.finite_float(scale, "scale")
     decay = _validate.finite_float(decay, "decay")
+    if fisher and distributed.is_dtensor(fisher[0]):
+        distributed.fisher_accumulate_(fisher, grads, scale, decay, backend)
+        return
     name = _backend.resolve(backend, _device(fisher), "fisher_accumulate_")
     dense = _compiled_checks(name, fisher, grads)
     if not dense:

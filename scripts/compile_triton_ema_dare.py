@@ -48,10 +48,12 @@ def main() -> int:
                          "VIA_FP32": e_dt in (tl.float16, tl.bfloat16) and acc == tl.float64, "CHUNK": te.CHUNK, "STEPS": 5})
     for dt in (tl.float32, tl.bfloat16, tl.float64):
         acc = tl.float64 if dt == tl.float64 else tl.float32
-        for has_base, has_rows in ((True, False), (False, True), (True, True)):
+        for (has_base, has_rows), aligned in zip(((True, False), (False, True), (True, True)), (True, False, True)):
             compile_one(td._dare_kernel, {"out": _ptr(dt), "fin": _ptr(dt), "base": _ptr(dt), "q_rows": _ptr(acc),
-                                          "params": "*i64", "qbuf": _ptr(acc), "n": "i64", "inner": "i64"},
-                        {"HAS_BASE": has_base, "HAS_ROWS": has_rows, "ACC": acc, "BLOCK": td.BLOCK})
+                                          "params": "*i64", "qbuf": _ptr(acc), "n": "i64", "inner": "i64",
+                                          "offset": "i64"},
+                        {"HAS_BASE": has_base, "HAS_ROWS": has_rows, "ALIGNED": aligned, "ACC": acc,
+                         "BLOCK": td.BLOCK})
         compile_one(td._dare_multi_kernel, {"table": "*i64", "count": "i32", "keys": "*i64", "qs": _ptr(acc),
                                             "seed_lo": "*i64", "seed_hi": "*i64", "thresh": "*i64"},
                     {"E": dt, "ACC": acc, "BLOCK": td.BLOCK, "STEPS": 5})

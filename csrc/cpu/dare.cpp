@@ -27,7 +27,7 @@ namespace {
 constexpr int64_t kBlock = 256;  // elements per draw buffer, a multiple of 4 * kLanes
 constexpr int kLanes = 8;
 
-// u[0 .. n) = draws of flat indices [start, start + n), start a multiple of 4, n <= kBlock.
+// u[0 .. n) = draws of flat indices [start, start + n), start a multiple of 4, n <= kBlock + 4.
 void fill_draws(uint32_t* u, int64_t start, int64_t n, uint64_t key, uint64_t seed) {
   const uint64_t j0 = static_cast<uint64_t>(start) >> 2;
   const int64_t groups = (n + 3) / 4;
@@ -88,6 +88,7 @@ struct Job {
   double q;
   const at::Tensor* q_rows;  // null: scalar q
   uint64_t key;
+  int64_t offset;  // global flat index of element 0 (a shard's place in the whole tensor)
 };
 
 // Lane masks of the keep rule, one per element, as wide as Acc: all ones = kept. Integer lanes of
@@ -133,7 +134,8 @@ void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, 
   cpu::ReadTile<Acc> f_tile(*job.finetuned);
   std::optional<cpu::ReadTile<Acc>> b_tile;
   if (job.base) b_tile.emplace(*job.base);
-  alignas(64) uint32_t u[kBlock];
+  // draws start at the aligned group of pos + offset: `shift` leading words belong to earlier elements
+  alignas(64) uint32_t u[kBlock + 4];
   alignas(64) Mask keep[kBlock];
   for (int64_t pos = begin; pos < end; pos += kBlock) {
     const int64_t n = std::min<int64_t>(kBlock, end - pos);
@@ -142,9 +144,11 @@ void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, 
     } else if (threshold > 0xFFFFFFFFull) {
       std::fill(keep, keep + n, Mask{0});
     } else {
-      fill_draws(u, pos, n, job.key, seed);
+      const int64_t global = pos + job.offset;
+      const int64_t shift = global & 3;
+      fill_draws(u, global - shift, n + shift, job.key, seed);
       const uint32_t t32 = static_cast<uint32_t>(threshold);
-      for (int64_t i = 0; i < n; ++i) keep[i] = u[i] >= t32 ? ~Mask{0} : Mask{0};
+      for (int64_t i = 0; i < n; ++i) keep[i] = u[shift + i] >= t32 ? ~Mask{0} : Mask{0};
     }
     // read before open: in place, out shares memory with finetuned or base
     const Acc* f = f_tile.read(pos, n);
@@ -177,15 +181,17 @@ void run_jobs(const std::vector<Job>& jobs, uint64_t threshold, uint64_t seed) {
 }
 
 void dare_cpu(const at::Tensor& out, const at::Tensor& finetuned, const std::optional<at::Tensor>& base,
-              int64_t threshold, double q, const std::optional<at::Tensor>& q_rows, int64_t seed, int64_t key) {
+              int64_t threshold, double q, const std::optional<at::Tensor>& q_rows, int64_t seed, int64_t key,
+              int64_t offset) {
   const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
   check_threshold(threshold);
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
   check_dare_one(out, finetuned, b, q, q_rows, c10::DeviceType::CPU);
   const at::Tensor* qr = q_rows.has_value() && q_rows->defined() ? &*q_rows : nullptr;
   if (qr) {
     TORCH_CHECK_VALUE((*qr > 0).all().item<bool>(), "q_rows must be > 0");
   }
-  run_jobs({Job{&out, &finetuned, b, q, qr, static_cast<uint64_t>(key)}}, static_cast<uint64_t>(threshold),
+  run_jobs({Job{&out, &finetuned, b, q, qr, static_cast<uint64_t>(key), offset}}, static_cast<uint64_t>(threshold),
            static_cast<uint64_t>(seed));
 }
 
@@ -194,7 +200,7 @@ void dare_multi_cpu(at::TensorList out, at::TensorList finetuned, at::TensorList
   check_dare_multi_args(out, finetuned, base, threshold, q, keys, c10::DeviceType::CPU);
   std::vector<Job> jobs;
   for (size_t i = 0; i < out.size(); ++i) {
-    jobs.push_back(Job{&out[i], &finetuned[i], &base[i], q[i], nullptr, static_cast<uint64_t>(keys[i])});
+    jobs.push_back(Job{&out[i], &finetuned[i], &base[i], q[i], nullptr, static_cast<uint64_t>(keys[i]), 0});
   }
   run_jobs(jobs, static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed));
 }

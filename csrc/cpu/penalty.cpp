@@ -99,8 +99,7 @@ void fisher_chunk(const at::Tensor& fisher, const at::Tensor& grads, int64_t beg
   using V = Vectorized<Acc>;
   cpu::WriteTile<Acc> f_tile(fisher);
   cpu::ReadTile<Acc> g_tile(grads);
-  const Acc s = static_cast<Acc>(scale), dc = static_cast<Acc>(decay);
-  const V sv(s), dv(dc);
+  const V sv(static_cast<Acc>(scale)), dv(static_cast<Acc>(decay));
   for (int64_t pos = begin; pos < end; pos += kTile) {
     const int64_t n = std::min(kTile, end - pos);
     Acc* f = f_tile.load(pos, n);
@@ -108,9 +107,14 @@ void fisher_chunk(const at::Tensor& fisher, const at::Tensor& grads, int64_t beg
     int64_t j = 0;
     for (; j + V::size() <= n; j += V::size()) {
       const V gj = V::loadu(g + j);
-      (dv * V::loadu(f + j) + sv * (gj * gj)).store(f + j);
+      at::vec::fmadd(dv, V::loadu(f + j), sv * (gj * gj)).store(f + j);
     }
-    for (; j < n; ++j) f[j] = dc * f[j] + s * (g[j] * g[j]);
+    // one explicit FMA everywhere, the tail too: left to the compiler, `dc * f + s * g * g` fuses in
+    // some loops and not others, so an element's rounding would depend on where its shard starts
+    if (j < n) {
+      const V gj = V::loadu(g + j, n - j);
+      at::vec::fmadd(dv, V::loadu(f + j, n - j), sv * (gj * gj)).store(f + j, n - j);
+    }
     f_tile.store(pos, n);
   }
 }

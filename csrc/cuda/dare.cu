@@ -36,6 +36,7 @@ struct DareFunctor {
   bool has_base;            // false: delta mode, out <- kept ? finetuned / q : 0
   const void* q_rows;       // per-row q (float, double for fp64) of a single-tensor call, or null
   int64_t inner;            // elements per row when q_rows is set
+  int64_t offset;           // global flat index of element 0 (a shard's place in the whole tensor)
 
   template <typename Acc>
   __device__ __forceinline__ Acc row_q(int64_t i, Acc q) const {
@@ -52,13 +53,23 @@ struct DareFunctor {
       const auto op = [&](int64_t i, auto lanes, Acc* out, Acc* f, Acc* b) {
         constexpr int kLanes = decltype(lanes)::value;
         uint32_t u[kLanes];
+        const uint64_t g = static_cast<uint64_t>(i + offset);  // the global index of element i
         if constexpr (kLanes == mta::kVec) {
-          const philox::U4 lo = philox::dare_draws(static_cast<uint64_t>(i) >> 2, key, seed);
-          const philox::U4 hi = philox::dare_draws((static_cast<uint64_t>(i) >> 2) + 1, key, seed);
+          if ((g & 3) == 0) {
+            const philox::U4 lo = philox::dare_draws(g >> 2, key, seed);
+            const philox::U4 hi = philox::dare_draws((g >> 2) + 1, key, seed);
 #pragma unroll
-          for (int k = 0; k < kLanes; ++k) u[k] = k < 4 ? lo.v[k] : hi.v[k - 4];
+            for (int k = 0; k < kLanes; ++k) u[k] = k < 4 ? lo.v[k] : hi.v[k - 4];
+          } else {  // a shard that starts inside a group of 4: the 8 draws span three counters
+            const philox::U4 w[3] = {philox::dare_draws(g >> 2, key, seed),
+                                     philox::dare_draws((g >> 2) + 1, key, seed),
+                                     philox::dare_draws((g >> 2) + 2, key, seed)};
+            const int s = static_cast<int>(g & 3);
+#pragma unroll
+            for (int k = 0; k < kLanes; ++k) u[k] = w[(s + k) >> 2].v[(s + k) & 3];
+          }
         } else {
-          u[0] = philox::dare_draws(static_cast<uint64_t>(i) >> 2, key, seed).v[i & 3];
+          u[0] = philox::dare_draws(g >> 2, key, seed).v[g & 3];
         }
         const Acc q = row_q<Acc>(i, q0);
         const bool one_row = q_rows == nullptr || (i / inner) == ((i + kLanes - 1) / inner);
@@ -78,15 +89,17 @@ struct DareFunctor {
 };
 
 void dare_cuda(const at::Tensor& out, const at::Tensor& finetuned, const std::optional<at::Tensor>& base,
-               int64_t threshold, double q, const std::optional<at::Tensor>& q_rows, int64_t seed, int64_t key) {
+               int64_t threshold, double q, const std::optional<at::Tensor>& q_rows, int64_t seed, int64_t key,
+               int64_t offset) {
   const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
   check_threshold(threshold);
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
   check_dare_one(out, finetuned, b, q, q_rows, c10::DeviceType::CUDA);
   if (out.numel() == 0) return;
   const bool rows = q_rows.has_value() && q_rows->defined();
   const DareFunctor functor{static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed), b != nullptr,
                             rows ? q_rows->const_data_ptr() : nullptr,
-                            rows ? out.numel() / out.size(0) : int64_t{1}};
+                            rows ? out.numel() / out.size(0) : int64_t{1}, offset};
   const at::Tensor& base_or_fin = b ? *b : finetuned;  // delta mode never reads list 2
   mta::multi_tensor_apply<3, DareScalar>({at::TensorList(out), at::TensorList(finetuned), at::TensorList(base_or_fin)},
                                          {DareScalar(q, static_cast<uint64_t>(key))}, functor);
@@ -97,7 +110,7 @@ void dare_multi_cuda(at::TensorList out, at::TensorList finetuned, at::TensorLis
   check_dare_multi_args(out, finetuned, base, threshold, q, keys, c10::DeviceType::CUDA);
   std::vector<DareScalar> scalars;
   for (size_t i = 0; i < out.size(); ++i) scalars.emplace_back(q[i], static_cast<uint64_t>(keys[i]));
-  const DareFunctor functor{static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed), true, nullptr, 1};
+  const DareFunctor functor{static_cast<uint64_t>(threshold), static_cast<uint64_t>(seed), true, nullptr, 1, 0};
   mta::multi_tensor_apply<3, DareScalar>({out, finetuned, base}, scalars, functor);
 }
 

@@ -9,11 +9,12 @@ import math
 
 import torch
 
-from ..random import philox_uint32, threshold
+from ..random import philox_words, threshold
 
 
-def keep_mask(shape, p: float, seed: int, key: int, device=None) -> torch.Tensor:
-    """BoolTensor of `shape`, True where the element is kept (seed and key already in [0, 2**64))."""
+def keep_mask(shape, p: float, seed: int, key: int, device=None, offset: int = 0) -> torch.Tensor:
+    """BoolTensor of `shape`, True where the element is kept (seed and key already in [0, 2**64));
+    flat element i is the keep rule's element offset + i (a shard's place in the whole tensor)."""
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
     t = threshold(p)
@@ -21,20 +22,23 @@ def keep_mask(shape, p: float, seed: int, key: int, device=None) -> torch.Tensor
         return torch.ones(shape, dtype=torch.bool, device=device)
     if t >= 1 << 32:
         return torch.zeros(shape, dtype=torch.bool, device=device)
-    return (philox_uint32(n, key, seed, device) >= t).reshape(shape)
+    counters = torch.arange(offset // 4, (offset + n + 3) // 4, dtype=torch.int64, device=device)
+    u = philox_words(counters, key, seed).reshape(-1)[offset % 4:offset % 4 + n]
+    return (u >= t).reshape(shape)
 
 
 def _scale_shape(q: torch.Tensor, ndim: int) -> torch.Tensor:
     return q.reshape((-1,) + (1,) * (ndim - 1))
 
 
-def dare(finetuned: torch.Tensor, base: torch.Tensor, p: float, q, seed: int, key: int) -> torch.Tensor:
+def dare(finetuned: torch.Tensor, base: torch.Tensor, p: float, q, seed: int, key: int,
+         offset: int = 0) -> torch.Tensor:
     """base + keep * (finetuned - base) / q in fp32 (fp64 for fp64 inputs), rounded once.
 
     `q` is a float > 0 or a per-row 1-D tensor; p == 1 gives base (no division by 0).
     """
     acc = torch.float64 if finetuned.dtype == torch.float64 else torch.float32
-    keep = keep_mask(finetuned.shape, p, seed, key, finetuned.device)
+    keep = keep_mask(finetuned.shape, p, seed, key, finetuned.device, offset)
     f, b = finetuned.to(acc), base.to(acc)
     if isinstance(q, torch.Tensor):
         q = _scale_shape(q.to(finetuned.device, acc), finetuned.dim())
@@ -42,10 +46,10 @@ def dare(finetuned: torch.Tensor, base: torch.Tensor, p: float, q, seed: int, ke
     return (b + delta).to(finetuned.dtype)
 
 
-def dare_delta(delta: torch.Tensor, p: float, q, seed: int, key: int) -> torch.Tensor:
+def dare_delta(delta: torch.Tensor, p: float, q, seed: int, key: int, offset: int = 0) -> torch.Tensor:
     """keep * delta / q (same keep rule), as a new tensor."""
     acc = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    keep = keep_mask(delta.shape, p, seed, key, delta.device)
+    keep = keep_mask(delta.shape, p, seed, key, delta.device, offset)
     d = delta.to(acc)
     if isinstance(q, torch.Tensor):
         q = _scale_shape(q.to(delta.device, acc), delta.dim())

@@ -32,21 +32,31 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _dare_kernel(out, fin, base, q_rows, params, qbuf, n, inner, HAS_BASE: tl.constexpr,
-                 HAS_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _dare_kernel(out, fin, base, q_rows, params, qbuf, n, inner, offset, HAS_BASE: tl.constexpr,
+                 HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Element i draws u(offset + i); ALIGNED (offset % 4 == 0) shares one Philox call among 4 elements."""
     pid = tl.program_id(0).to(tl.int64)
-    G: tl.constexpr = BLOCK // 4
-    j = pid * G + tl.arange(0, G).to(tl.int64)  # Philox counter of elements 4j .. 4j + 3
     key_lo = tl.load(params + 0).to(tl.uint32)
     key_hi = tl.load(params + 1).to(tl.uint32)
     seed_lo = tl.load(params + 2).to(tl.uint32)
     seed_hi = tl.load(params + 3).to(tl.uint32)
     thresh = tl.load(params + 4)  # int64 in [0, 2**32]
-    zero = tl.zeros([G], dtype=tl.uint32)
-    u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), zero + key_lo, zero + key_hi,
-                                   zero + seed_lo, zero + seed_hi)
-    # interleave to element order 4j + l: join(join(u0, u2), join(u1, u3))[j, b, a] is u_(2b + a)
-    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
+    if ALIGNED:
+        G: tl.constexpr = BLOCK // 4
+        j = (offset >> 2) + pid * G + tl.arange(0, G).to(tl.int64)  # Philox counter of elements 4j .. 4j + 3
+        zero = tl.zeros([G], dtype=tl.uint32)
+        u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), zero + key_lo, zero + key_hi,
+                                       zero + seed_lo, zero + seed_hi)
+        # interleave to element order 4j + l: join(join(u0, u2), join(u1, u3))[j, b, a] is u_(2b + a)
+        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
+    else:  # a shard that starts inside a group of 4: one call per element, its own word picked
+        g = offset + pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        j = g >> 2
+        zero = tl.zeros([BLOCK], dtype=tl.uint32)
+        u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), zero + key_lo, zero + key_hi,
+                                       zero + seed_lo, zero + seed_hi)
+        lane = g & 3
+        u = tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
     keep = u.to(tl.int64) >= thresh
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
@@ -114,8 +124,9 @@ def dare_multi_(out: list[torch.Tensor], fin: list[torch.Tensor], base: list[tor
 
 
 def dare_(out: torch.Tensor, fin: torch.Tensor, base: torch.Tensor | None, threshold: int, q: float,
-          q_rows: torch.Tensor | None, seed: int, key: int) -> None:
-    """Contiguous, validated inputs (see ntkcl_fast.dare); `out` may be `fin` or `base`; `seed`, `key` uint64."""
+          q_rows: torch.Tensor | None, seed: int, key: int, offset: int = 0) -> None:
+    """Contiguous, validated inputs (see ntkcl_fast.dare); `out` may be `fin` or `base`; `seed`, `key` uint64;
+    element i draws the keep rule's u(offset + i)."""
     n = out.numel()
     if n == 0:
         return
@@ -126,5 +137,6 @@ def dare_(out: torch.Tensor, fin: torch.Tensor, base: torch.Tensor | None, thres
     inner = n // out.shape[0] if q_rows is not None else 1
     grid = (triton.cdiv(n, BLOCK),)
     _dare_kernel[grid](out, fin, base if base is not None else fin, q_rows if q_rows is not None else qbuf,
-                       params, qbuf, n, inner, HAS_BASE=base is not None, HAS_ROWS=q_rows is not None,
+                       params, qbuf, n, inner, offset, HAS_BASE=base is not None, HAS_ROWS=q_rows is not None,
+                       ALIGNED=offset % 4 == 0,
                        ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32, BLOCK=BLOCK)
