@@ -114,7 +114,10 @@ def extensions():
     macros = [("NTKCL_PYTHON_MODULE", None), ("NTKCL_BUILT_WITH_TORCH", f'"{torch.__version__}"')]
     # no -std flag: torch adds the standard its headers need (C++17 up to 2.9, C++20 after)
     # at::parallel_for is an inline OpenMP region (ATen/ParallelOpenMP.h): without -fopenmp it runs serially
-    cxx = ["-O3", "-fopenmp"] + _cpu_isa_flags()
+    # -ffp-contract=off: GCC would fuse `a * b + c` into one FMA in some loops (vectorized or not,
+    # depending on aliasing and alignment) and not others, so an element's rounding would depend on
+    # where its chunk or shard starts; the kernels write the FMAs they want explicitly
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + _cpu_isa_flags()
     link = ["-fopenmp"]
     if not with_cuda:
         return [CppExtension("ntkcl_fast._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx},

@@ -1,10 +1,9 @@
 // CPU kernels of ntkcl_fast::dare_, dare_multi_ and magnitude_prune_.
 //
 // One parallel pass over the chunk plan of the list (multi_tensor.h): each tile draws its Philox
-// words into a small stack buffer (16 or 32 counters at a time in AVX2 / AVX-512 registers,
-// philox_simd.h),
-// then applies the merge with fp32 math (fp64 for fp64), rounded once on store. Nothing is
-// stored but the output. Minimum traffic: read finetuned (and base), write out.
+// words into a small stack buffer (dare_draws.h: 16 or 32 counters at a time in AVX2 / AVX-512
+// registers), then applies the merge with fp32 math (fp64 for fp64), rounded once on store.
+// Nothing is stored but the output. Minimum traffic: read finetuned (and base), write out.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -16,70 +15,14 @@
 #include <type_traits>
 #include <vector>
 
-#include "../cuda/philox.h"
 #include "../dare_checks.h"
-#include "philox_simd.h"
+#include "dare_draws.h"
 #include "multi_tensor.h"
 
 namespace ntkcl_fast {
 namespace {
 
-constexpr int64_t kBlock = 256;  // elements per draw buffer, a multiple of 4 * kLanes
-constexpr int kLanes = 8;
-
-// u[0 .. n) = draws of flat indices [start, start + n), start a multiple of 4, n <= kBlock + 4.
-void fill_draws(uint32_t* u, int64_t start, int64_t n, uint64_t key, uint64_t seed) {
-  const uint64_t j0 = static_cast<uint64_t>(start) >> 2;
-  const int64_t groups = (n + 3) / 4;
-  int64_t g = 0;
-  const uint32_t kk0 = static_cast<uint32_t>(key), kk1 = static_cast<uint32_t>(key >> 32);
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (philox::avx512::available()) {
-    for (; g + 32 <= groups; g += 32) philox::avx512::draws32(j0 + g, key, seed, u + 4 * g);
-  }
-#endif
-#if defined(__AVX2__)
-  for (; g + 16 <= groups; g += 16) philox::avx2::draws16(j0 + g, key, seed, u + 4 * g);
-#endif
-  for (; g + kLanes <= groups; g += kLanes) {
-    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      const uint64_t j = j0 + g + l;
-      c0[l] = static_cast<uint32_t>(j);
-      c1[l] = static_cast<uint32_t>(j >> 32);
-      c2[l] = kk0;
-      c3[l] = kk1;
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
-      if (r) {
-        k0 += philox::kW0;
-        k1 += philox::kW1;
-      }
-      for (int l = 0; l < kLanes; ++l) {
-        const uint64_t p0 = static_cast<uint64_t>(philox::kM0) * c0[l];
-        const uint64_t p1 = static_cast<uint64_t>(philox::kM1) * c2[l];
-        const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ k0;
-        const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
-        c0[l] = n0;
-        c1[l] = static_cast<uint32_t>(p1);
-        c2[l] = n2;
-        c3[l] = static_cast<uint32_t>(p0);
-      }
-    }
-    for (int l = 0; l < kLanes; ++l) {
-      uint32_t* o = u + 4 * (g + l);
-      o[0] = c0[l];
-      o[1] = c1[l];
-      o[2] = c2[l];
-      o[3] = c3[l];
-    }
-  }
-  for (; g < groups; ++g) {  // same function, one counter at a time (stays inside the buffer)
-    const philox::U4 w = philox::dare_draws(j0 + g, key, seed);
-    for (int l = 0; l < 4; ++l) u[4 * g + l] = w.v[l];
-  }
-}
+constexpr int64_t kBlock = 256;  // elements per draw buffer, a multiple of 4
 
 struct Job {
   const at::Tensor* out;
@@ -146,7 +89,7 @@ void dare_chunk(const Job& job, int64_t begin, int64_t end, uint64_t threshold, 
     } else {
       const int64_t global = pos + job.offset;
       const int64_t shift = global & 3;
-      fill_draws(u, global - shift, n + shift, job.key, seed);
+      cpu::fill_dare_draws(u, global - shift, n + shift, job.key, seed);
       const uint32_t t32 = static_cast<uint32_t>(threshold);
       for (int64_t i = 0; i < n; ++i) keep[i] = u[shift + i] >= t32 ? ~Mask{0} : Mask{0};
     }

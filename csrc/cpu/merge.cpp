@@ -25,10 +25,6 @@
 #include "dare_draws.h"
 #include "multi_tensor.h"
 
-// GCC contracts a * b + c into one FMA by default (-ffp-contract=fast with -mfma), which would
-// round once where the reference rounds twice; the math loops below forbid it.
-#define NTKCL_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
-
 namespace ntkcl_fast {
 namespace {
 
@@ -76,7 +72,7 @@ struct ModelPlan {
 // t[0, n) <- model p's sparsified, rescaled delta at flat [pos, pos + n) from its delta d.
 // `seen`: ties at the threshold met so far in this chunk's order (starts at ties_before).
 template <typename Acc>
-NTKCL_NO_CONTRACT void sparsify_tile(const ModelPlan<Acc>& p, const Acc* d, int64_t pos, int64_t n, uint64_t seed,
+void sparsify_tile(const ModelPlan<Acc>& p, const Acc* d, int64_t pos, int64_t n, uint64_t seed,
                                      int64_t& seen, Acc* t) {
   using Mask = Key<Acc>;
   alignas(64) Mask keep[kTile];
@@ -247,7 +243,7 @@ struct Mix {
 // out[0, n) from the weighted terms e (model i's at e + i * kTile): the election, the mix, the
 // divisor, lambda. `divisor` is the guarded sum of weights when every model takes part.
 template <typename Acc>
-NTKCL_NO_CONTRACT void mix_tile(const Acc* e, const Acc* w, size_t n_models, const Acc* b, int64_t n, const Mix& how,
+void mix_tile(const Acc* e, const Acc* w, size_t n_models, const Acc* b, int64_t n, const Mix& how,
                                 Acc divisor, Acc lam, Acc* out) {
   alignas(64) Acc mixed[kTile];
   std::fill(mixed, mixed + n, Acc(0));
@@ -288,7 +284,7 @@ NTKCL_NO_CONTRACT void mix_tile(const Acc* e, const Acc* w, size_t n_models, con
 }
 
 template <typename Acc>
-NTKCL_NO_CONTRACT void weigh(const Acc* t, Acc w, int64_t n, Acc* e) {
+void weigh(const Acc* t, Acc w, int64_t n, Acc* e) {
   for (int64_t j = 0; j < n; ++j) e[j] = t[j] * w;
 }
 

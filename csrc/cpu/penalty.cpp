@@ -31,8 +31,6 @@ struct L2Args {
 
 // Sum of F * (p - a)^2 over [begin, end) of tensor t (without the scale); writes the gradient
 // when grads are given. Eight running sums, added as a tree: part of the fixed reduction order.
-// Sum of F * (p - a)^2 over [begin, end) of tensor t (without the scale); writes the gradient
-// when grads are given. Eight running sums, added as a tree: part of the fixed reduction order.
 // Local tiles rather than cpu::ReadTile / WriteTile: GCC contracts the scalar tail `coef * fd + g` into an FMA
 // or not depending on what may alias g, and the local arrays keep the bits the op has always had.
 template <typename Acc>
