@@ -7,30 +7,16 @@ pulls in torchvision, which does not install beside every torch (`make test` ins
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench.bench_ema import TIMM  # timm/utils/model_ema.py loaded by path: one loader for tests and bench
 from ntkcl_fast import ModelEMA
 
 from ._helpers import device_backends, interpreted_triton
 from .test_model_ema import _bf16_pair
 
-
-def _load_timm_model_ema():
-    spec = importlib.util.find_spec("timm")  # finds the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "model_ema.py"
-    module_spec = importlib.util.spec_from_file_location("timm_utils_model_ema", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-TIMM = _load_timm_model_ema()
 pytestmark = pytest.mark.skipif(TIMM is None, reason="timm is not installed (`make test` installs it)")
 PAIRS = device_backends("ema_update_")
 
