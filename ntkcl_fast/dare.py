@@ -154,7 +154,6 @@ def _shape_arg(shape) -> tuple[int, ...]:
 
 
 RESCALES = ("density", "l1", "none")
-L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: a norm below it leaves the kept entries unscaled
 
 
 def _rescale_arg(rescale, q) -> str:
@@ -205,17 +204,14 @@ def _run_one(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch
 def _run_l1(name: str, out: torch.Tensor | None, fin: torch.Tensor, base: torch.Tensor | None, p: float,
             seed: int, key: int, offset: int) -> torch.Tensor:
     """`base + keep * delta * (||delta||_1 / ||keep * delta||_1)`, unscaled when either norm is below
-    L1_EPS (mergekit >= 0.1), in fp32 (fp64 for fp64) and rounded once.
+    1e-7 (mergekit >= 0.1), in fp32 (fp64 for fp64) and rounded once.
 
     Two passes: the backend's kernel writes keep * delta (q = 1) into a math-dtype buffer, then the
     two norms and the scaled sum are torch ops. The where() keeps it free of host syncs.
     """
     acc = torch.float64 if fin.dtype == torch.float64 else torch.float32
     delta = fin.to(acc) - base.to(acc) if base is not None else fin.to(acc)
-    kept = _run_one(name, None, delta, None, p, 1.0, None, seed, key, offset)
-    before, after = delta.abs().sum(), kept.abs().sum()
-    unscaled = (before < L1_EPS) | (after < L1_EPS)
-    scaled = kept * torch.where(unscaled, torch.ones_like(before), before / after)
+    scaled = reference.l1_rescaled(delta, _run_one(name, None, delta, None, p, 1.0, None, seed, key, offset))
     res = (base.to(acc) + scaled if base is not None else scaled).to(fin.dtype)
     return res if out is None else out.copy_(res)
 

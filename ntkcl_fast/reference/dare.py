@@ -56,6 +56,17 @@ def dare_delta(delta: torch.Tensor, p: float, q, seed: int, key: int, offset: in
     return torch.where(keep, d / q, torch.zeros((), dtype=acc, device=d.device)).to(delta.dtype)
 
 
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: a norm below it leaves the kept entries unscaled
+
+
+def l1_rescaled(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`kept * ||delta||_1 / ||kept||_1` (mergekit >= 0.1's DARE rescale), `kept` unscaled when
+    either norm is below L1_EPS; a 0-d scale, so no host sync."""
+    before, after = delta.abs().sum(), kept.abs().sum()
+    unscaled = (before < L1_EPS) | (after < L1_EPS)
+    return kept * torch.where(unscaled, torch.ones_like(before), before / after)
+
+
 def magnitude_keep(delta: torch.Tensor, k: int) -> torch.Tensor:
     """Flat BoolTensor keeping exactly the k entries of largest |delta|; ties go to lower indices
     and NaN ranks above every number (a stable descending sort)."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .dare import keep_mask, magnitude_keep
+from ..random import M64
+from .dare import keep_mask, l1_rescaled, magnitude_keep
 
-M64 = (1 << 64) - 1
 CONSENSUS = ("ties", "dare_ties")
 
 
@@ -29,9 +29,7 @@ def _sparsify(delta: torch.Tensor, method: str, density: float, rescale: str, se
         if rescale == "density":
             return kept / density if density > 0 else kept
         if rescale == "l1":
-            full, part = delta.abs().sum(), kept.abs().sum()
-            ok = (full >= 1e-7) & (part >= 1e-7)
-            return kept * torch.where(ok, full / torch.where(ok, part, 1.0), 1.0)
+            return l1_rescaled(delta, kept)
         return kept
     return delta
 
