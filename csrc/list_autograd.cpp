@@ -10,6 +10,7 @@
 // namespace takes; the extra outputs are not differentiable, and the backward ops run below
 // autograd, so their results carry no graph (double backward is not supported).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -36,10 +37,19 @@ void keep_needed(AutogradContext* ctx, variable_list& grads, size_t tensors) {
   }
 }
 
+// On CPU, when the call builds a graph, the forward runs the grad op instead of the value op: one
+// pass reads params, anchors and importance, returns the same value bit for bit (same terms, same
+// chunk order) and writes the gradient, which the node keeps until the backward. The backward then
+// hands that gradient to autograd without touching the tensors again, when the incoming gradient
+// is 1 (the penalty added to a loss as it is; a scale belongs in `lam`); any other incoming
+// gradient recomputes with it, so the bits are those of the kernel either way. The cost: the
+// gradient exists from the forward on, not from the backward. Not on CUDA, where reading the
+// incoming gradient would synchronize, nor under tracing (fake or functional tensors), where it
+// has no value.
 class L2Penalty : public torch::autograd::Function<L2Penalty> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList params, at::TensorList anchors,
-                               at::TensorList importance, double scale) {
+                               at::TensorList importance, double scale, bool grad_in_forward) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op =
         ntkcl_op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double)>("ntkcl_fast::l2_penalty");
@@ -47,27 +57,51 @@ class L2Penalty : public torch::autograd::Function<L2Penalty> {
     ctx->saved_data["f"] = static_cast<int64_t>(importance.size());
     ctx->saved_data["scale"] = scale;
     ctx->save_for_backward(concat({params, anchors, importance}));
-    return {op.call(params, anchors, importance, scale)};
+    if (!grad_in_forward) return {op.call(params, anchors, importance, scale)};
+    std::vector<at::Tensor> grads = fresh_like(params);
+    at::Tensor value = grad_op().call(grads, params, anchors, importance, scale, std::nullopt, false);
+    ctx->saved_data["grads"] = std::move(grads);
+    return {value};
   }
 
-  // The closed form in one pass: the grad op writes fresh gradients (no read of them).
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    static auto grad_op = ntkcl_op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
-                                              const std::optional<at::Tensor>&, bool)>("ntkcl_fast::l2_penalty_grad_");
     const int64_t n = ctx->saved_data["n"].toInt(), f = ctx->saved_data["f"].toInt();
-    const variable_list saved = ctx->get_saved_variables();
-    const at::TensorList all(saved);
+    const variable_list saved = ctx->get_saved_variables();  // raises if a saved tensor was changed in place
+    const at::Tensor& grad_output = grad_outputs[0];
     variable_list grads;
-    grads.reserve(3 * n + f + 1);
-    for (int64_t i = 0; i < n; ++i) grads.push_back(at::empty_like(saved[i], at::MemoryFormat::Contiguous));
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      grad_op.call(grads, all.slice(0, n), all.slice(n, n), all.slice(2 * n, f), ctx->saved_data["scale"].toDouble(),
-                   grad_outputs[0], false);
+    auto kept = ctx->saved_data.find("grads");
+    if (kept != ctx->saved_data.end()) {
+      // taken once: a second backward (retain_graph) must not hand out a tensor autograd already owns
+      grads = kept->second.toTensorVector();
+      ctx->saved_data.erase(kept);
+      if (grad_output.defined() && grad_output.item<double>() != 1.0) grads.clear();
     }
-    grads.resize(3 * n + f + 1);  // anchors, importance and scale take no gradient
+    if (grads.empty() && n > 0) {  // the closed form in one pass: fresh gradients, no read of them
+      const at::TensorList all(saved);
+      grads = fresh_like(all.slice(0, n));
+      at::AutoDispatchBelowADInplaceOrView guard;
+      grad_op().call(grads, all.slice(0, n), all.slice(n, n), all.slice(2 * n, f),
+                     ctx->saved_data["scale"].toDouble(), grad_output, false);
+    }
+    grads.resize(3 * n + f + 2);  // anchors, importance, scale and the flag take no gradient
     keep_needed(ctx, grads, n);
     return grads;
+  }
+
+ private:
+  static c10::TypedOperatorHandle<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
+                                             const std::optional<at::Tensor>&, bool)>&
+  grad_op() {
+    static auto op = ntkcl_op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
+                                         const std::optional<at::Tensor>&, bool)>("ntkcl_fast::l2_penalty_grad_");
+    return op;
+  }
+
+  static std::vector<at::Tensor> fresh_like(at::TensorList tensors) {
+    std::vector<at::Tensor> out;
+    out.reserve(tensors.size());
+    for (const at::Tensor& t : tensors) out.push_back(at::empty_like(t, at::MemoryFormat::Contiguous));
+    return out;
   }
 };
 
@@ -138,9 +172,22 @@ class CrossOrthogonality : public torch::autograd::Function<CrossOrthogonality> 
   }
 };
 
+// Whether the forward should write the gradient too (see L2Penalty): a graph is being built for
+// CPU params, and nothing traces the call.
+bool grad_in_forward(at::TensorList params) {
+  if (!at::GradMode::is_enabled() || params.empty() || !params[0].is_cpu()) return false;
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set()) return false;
+  bool needed = false;
+  for (const at::Tensor& p : params) {
+    if (p.unsafeGetTensorImpl()->is_python_dispatch()) return false;
+    needed = needed || p.requires_grad();
+  }
+  return needed;
+}
+
 at::Tensor l2_penalty_autograd(at::TensorList params, at::TensorList anchors, at::TensorList importance,
                                double scale) {
-  return L2Penalty::apply(params, anchors, importance, scale)[0];
+  return L2Penalty::apply(params, anchors, importance, scale, grad_in_forward(params))[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> gram_autograd(at::TensorList weights, bool mean) {

@@ -322,3 +322,66 @@ def test_nan_propagates(device, backend):
     g[5] = float("nan")
     ntkcl_fast.fisher_accumulate_(fisher, g, backend=backend)
     assert fisher[5].isnan() and fisher.isnan().sum() == 1
+
+
+# ---------------------------------------------------------------- the CPU gradient written in the forward
+def _kernel_grads(params, anchors, importance, scale, grad_output=None):
+    grads = [torch.empty_like(p) for p in params]
+    value = torch.ops.ntkcl_fast.l2_penalty_grad_(grads, [p.detach() for p in params], anchors, importance, scale,
+                                                  grad_output, False)
+    return value, grads
+
+
+@pytest.mark.skipif(_backend._C is None, reason="extension not built")
+@pytest.mark.parametrize("grad_output", [None, 1.75], ids=["as-is", "scaled"])
+def test_cpu_backward_is_the_grad_kernel_bit_for_bit(grad_output):
+    """On CPU the forward of a graph-building call writes the gradient (one pass); the backward
+    hands it on for an incoming 1 and recomputes for any other: the bits are the kernel's both
+    ways, and the value is the value op's."""
+    for params, anchors, importance, scale in l2_samples("cpu", requires_grad=True):
+        go = None if grad_output is None else torch.tensor(grad_output)
+        want_value, want = _kernel_grads(params, anchors, importance, scale, go)
+        with torch.no_grad():
+            no_graph = torch.ops.ntkcl_fast.l2_penalty(params, anchors, importance, scale)
+        value = torch.ops.ntkcl_fast.l2_penalty(params, anchors, importance, scale)
+        assert torch.equal(value.detach(), no_graph) and torch.equal(value.detach(), want_value)
+        got = torch.autograd.grad(value, params, go)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.skipif(_backend._C is None, reason="extension not built")
+def test_cpu_backward_twice_with_retained_graph_adds_twice():
+    params, anchors, importance, scale = l2_samples("cpu", requires_grad=True)[0]
+    _, want = _kernel_grads(params, anchors, importance, scale)
+    value = torch.ops.ntkcl_fast.l2_penalty(params, anchors, importance, scale)
+    value.backward(retain_graph=True)
+    first = [p.grad.clone() for p in params]
+    value.backward()
+    for p, f, w in zip(params, first, want):
+        assert torch.equal(f, w)
+        assert torch.equal(p.grad, w + w)
+
+
+@pytest.mark.skipif(_backend._C is None, reason="extension not built")
+def test_cpu_backward_after_params_changed_in_place_raises():
+    params, anchors, importance, scale = l2_samples("cpu", requires_grad=True)[0]
+    value = torch.ops.ntkcl_fast.l2_penalty(params, anchors, importance, scale)
+    with torch.no_grad():
+        params[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.backward()
+
+
+@pytest.mark.skipif(_backend._C is None, reason="extension not built")
+def test_cpu_backward_uses_the_gradient_of_the_forward():
+    """The backward does not read the params again: a change through `.data` (which autograd
+    does not see) after the forward leaves the gradient of the forward's values."""
+    params, anchors, importance, scale = l2_samples("cpu", requires_grad=True)[0]
+    _, want = _kernel_grads(params, anchors, importance, scale)
+    value = torch.ops.ntkcl_fast.l2_penalty(params, anchors, importance, scale)
+    for p in params:
+        p.data.add_(1.0)
+    value.backward()
+    for p, w in zip(params, want):
+        assert torch.equal(p.grad, w)
