@@ -25,6 +25,18 @@ if _backend._C is not None:
     torch.library.register_fake("ntkcl_fast::merge_tensors")(_merge_fake)
 
 
+# the Triton kernel as an op of the extension's schema (ntkcl_fast/_backend.py, TRITON_NAMESPACE)
+@torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::merge_tensors", mutates_args=())
+def _triton_merge_tensors(base: torch.Tensor | None, models: list[torch.Tensor], method: str, weights: list[float],
+                          densities: list[float], lam: float, normalize: bool, rescale: str, seed: int,
+                          key: int) -> torch.Tensor:
+    from ..triton.merge import merge_tensors as launch
+    return launch(base, models, method, weights, densities, lam, normalize, rescale, seed, key)
+
+
+_triton_merge_tensors.register_fake(_merge_fake)
+
+
 def _per_model(value, n: int, name: str, *, unit: bool = False) -> list[float]:
     values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * n
     if len(values) != n:
@@ -89,10 +101,6 @@ def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: fl
         raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
     name = _backend.resolve(backend, like.device, "merge_tensors")
-    if name == "triton":  # no Triton kernel yet: auto on CUDA falls through to the reference
-        if backend == "triton":
-            raise RuntimeError("backend 'triton' is not available: merge_tensors has no Triton kernel")
-        name = "torch"
     if like.numel() == 0:
         return torch.empty_like(like)
     if name == "torch":
