@@ -34,7 +34,7 @@ BLOCK = 1024  # elements per program of the fused pass and the histogram / tie p
 L1_CHUNK, L1_TILE, L1_LANES = 16384, 256, 16
 DIGIT_BITS = 16
 BINS = 1 << DIGIT_BITS
-NO_KEY = 1 << 62  # above every magnitude key: a threshold nothing reaches, a room every tie fits in
+NO_KEY = (1 << 63) - 1  # above every magnitude key (fp64 NaN: 0x7FF0000000000001): no key reaches it
 FAST_MATH_OFF = {"enable_fp_fusion": False}
 SPARSIFY = {"ties": 1, "dare_linear": 2, "dare_ties": 2}  # 0: none, 1: magnitude, 2: random
 RESCALE = {"none": 0, "density": 1, "l1": 2}
@@ -67,6 +67,15 @@ def _draws(start, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr):
     u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), zero + key_lo, zero + key_hi,
                                    zero + seed_lo, zero + seed_hi)
     return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
+
+
+@triton.jit
+def _div(a, b, IS_F64: tl.constexpr):
+    """a / b correctly rounded: Triton's fp32 `/` is div.full (2 ulp) on NVIDIA GPUs."""
+    if IS_F64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b + tl.zeros_like(a))
 
 
 @triton.jit
@@ -121,7 +130,7 @@ def _merge_kernel(out, base, ptrs, fparams, iparams, ties_before, n, n_blocks, N
                            seed_lo, seed_hi, BLOCK)
                 t = tl.where(u.to(tl.int64) >= tl.load(iparams + 2 * N + i), d, 0.0)
                 if RESCALE == 1:
-                    t = t / tl.load(fparams + N + i)
+                    t = _div(t, tl.load(fparams + N + i), IS_F64)
                 if RESCALE == 2:
                     t = t * tl.load(fparams + 2 * N + i)
         e = t * w
@@ -137,11 +146,11 @@ def _merge_kernel(out, base, ptrs, fparams, iparams, ties_before, n, n_blocks, N
             mixed = mixed + tl.where(take, e, 0.0)
             div = div + tl.where(take, tl.load(fparams + i), 0.0)
         if NORMALIZE:
-            mixed = mixed / tl.where(div == 0, 1.0, div)
+            mixed = _div(mixed, tl.where(div == 0, 1.0, div).to(ACC), IS_F64)
     else:
         mixed = total
         if NORMALIZE:
-            mixed = mixed / tl.load(fparams + 3 * N + 1)
+            mixed = _div(mixed, tl.load(fparams + 3 * N + 1), IS_F64)
     if LINEAR:
         res = mixed
     else:
@@ -181,52 +190,53 @@ def _tie_count_kernel(base, ptrs, thresholds, counts, n, n_blocks, S: tl.constex
 
 
 @triton.jit
-def _fold_columns(x, cols, COLS: tl.constexpr):
-    """((0 + x[:, 0]) + x[:, 1]) + ...: a sum in column order (the one nonzero of each masked row
-    sum is exact). x >= +0 or NaN, so no zero sign is lost."""
-    acc = tl.sum(tl.where(cols == 0, x, 0.0), 1)
-    for c in tl.static_range(1, COLS):
+def _fold_columns(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """((+0 + x[:, 0]) + x[:, 1]) + ...: a sum in column order (each masked row sum has one
+    nonzero term, so it is exact). x >= +0 or NaN, so no zero sign is lost."""
+    cols = tl.arange(0, COLS)[None, :]
+    acc = tl.zeros([ROWS], dtype=tl.float64)
+    for c in range(COLS):  # a loop, not unrolled: one body to compile
         acc = acc + tl.sum(tl.where(cols == c, x, 0.0), 1)
     return acc
 
 
 @triton.jit
-def _l1_kernel(base, ptrs, iparams, full, kept, n, n_chunks, S: tl.constexpr, E: tl.constexpr, ACC: tl.constexpr,
-               CHUNK: tl.constexpr, TILE: tl.constexpr, LANES: tl.constexpr):
+def _l1_kernel(base, ptrs, iparams, full, kept, n, n_chunks, S, E: tl.constexpr, ACC: tl.constexpr,
+               CHUNK: tl.constexpr, TILE: tl.constexpr, LANES: tl.constexpr, TILES: tl.constexpr):
     """full[s, chunk], kept[s, chunk]: this chunk's ||d_s||_1 and ||kept d_s||_1 in fp64, summed
     as the CPU kernel does: lane l of a tile adds elements l, l + LANES, ... in order, the lanes
-    are added in order, the tiles in order. iparams as in _merge_kernel with N = S."""
-    TILES: tl.constexpr = CHUNK // TILE
+    are added in order, the tiles in order. The first TILES tiles of the chunk (all, unless the
+    tensor is shorter than a chunk: missing tiles would add +0, which changes no sum).
+    iparams as in _merge_kernel with N = S."""
+    G: tl.constexpr = LANES // 4  # Philox calls per row of a tile
     c = tl.program_id(0).to(tl.int64)
-    tiles = tl.arange(0, TILES)[:, None]
+    tiles = tl.arange(0, TILES)[:, None].to(tl.int64)
     lanes = tl.arange(0, LANES)[None, :]
-    seed_lo = tl.load(iparams + 4 * S).to(tl.uint32)
-    seed_hi = tl.load(iparams + 4 * S + 1).to(tl.uint32)
-    for s in tl.static_range(S):
-        key_lo = tl.load(iparams + s).to(tl.uint32)
-        key_hi = tl.load(iparams + S + s).to(tl.uint32)
+    groups = tl.arange(0, G)[None, :].to(tl.int64)
+    zero = tl.zeros([TILES, G], dtype=tl.uint32)
+    seed_lo = zero + tl.load(iparams + 4 * S).to(tl.uint32)
+    seed_hi = zero + tl.load(iparams + 4 * S + 1).to(tl.uint32)
+    for s in range(S):
+        key_lo = zero + tl.load(iparams + s).to(tl.uint32)
+        key_hi = zero + tl.load(iparams + S + s).to(tl.uint32)
         th = tl.load(iparams + 2 * S + s)
         lane_full = tl.zeros([TILES, LANES], dtype=tl.float64)
         lane_kept = tl.zeros([TILES, LANES], dtype=tl.float64)
-        for r in tl.static_range(TILE // LANES):
-            row = c * CHUNK + tiles.to(tl.int64) * TILE + r * LANES  # [TILES, 1], a multiple of 4
+        for r in range(TILE // LANES):  # row r of every tile: elements r * LANES + lane, in row order
+            row = c * CHUNK + tiles * TILE + r * LANES  # [TILES, 1], a multiple of 4
             offs = row + lanes
             mask = offs < n
             d = _load_model(ptrs, s, offs, mask, E, ACC) - tl.load(base + offs, mask=mask, other=0.0).to(ACC)
-            G: tl.constexpr = LANES // 4
-            j = (row >> 2) + tl.arange(0, G)[None, :].to(tl.int64)
-            zero = tl.zeros([TILES, G], dtype=tl.uint32)
-            u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), zero + key_lo, zero + key_hi,
-                                           zero + seed_lo, zero + seed_hi)
+            j = (row >> 2) + groups
+            u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), key_lo, key_hi, seed_lo, seed_hi)
             u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [TILES, LANES])
             a = tl.abs(d.to(tl.float64))
             lane_full = lane_full + a
             lane_kept = lane_kept + tl.where(u.to(tl.int64) >= th, a, 0.0)
-        tile_full = _fold_columns(lane_full, lanes, LANES)  # [TILES]
-        tile_kept = _fold_columns(lane_kept, lanes, LANES)
-        in_row = tl.arange(0, TILES)[None, :]
-        tl.store(full + s * n_chunks + c, tl.sum(_fold_columns(tile_full[None, :], in_row, TILES), 0))
-        tl.store(kept + s * n_chunks + c, tl.sum(_fold_columns(tile_kept[None, :], in_row, TILES), 0))
+        tile_full = _fold_columns(lane_full, TILES, LANES)
+        tile_kept = _fold_columns(lane_kept, TILES, LANES)
+        tl.store(full + s * n_chunks + c, tl.sum(_fold_columns(tile_full[None, :], 1, TILES), 0))
+        tl.store(kept + s * n_chunks + c, tl.sum(_fold_columns(tile_kept[None, :], 1, TILES), 0))
 
 
 # ---------------------------------------------------------------- host launchers
@@ -303,7 +313,8 @@ def _l1_scales(base, models, keys: list[int], thresholds: list[int], seed: int, 
     kept = torch.empty_like(full)
     _l1_kernel[(n_chunks,)](base, _pointers(models, device), _int_params(keys, thresholds, [0] * s, seed, device),
                             full, kept, n, n_chunks, S=s, E=meta["E"], ACC=meta["ACC"], CHUNK=L1_CHUNK,
-                            TILE=L1_TILE, LANES=L1_LANES, **FAST_MATH_OFF)
+                            TILE=L1_TILE, LANES=L1_LANES,
+                            TILES=triton.next_power_of_2(triton.cdiv(min(n, L1_CHUNK), L1_TILE)), **FAST_MATH_OFF)
     # chunks added in order from +0: add.accumulate is a strictly sequential fold
     f = np.add.accumulate(full.cpu().numpy(), axis=1)[:, -1]
     k = np.add.accumulate(kept.cpu().numpy(), axis=1)[:, -1]
