@@ -5,6 +5,7 @@ compile check of every kernel variant. Without a GPU the kernels run in Triton's
 and the tests check that they did (launches counted), so no fallback can pass for them."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,17 @@ def test_triton_magnitude_ties_nan_and_inf(dtype, launches):
     assert launches["_tie_count_kernel"] >= 3  # 0.3, 0.61, 0.999 split ties
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_triton_l1_rescale_with_a_nonfinite_norm(bad, launches):
+    # a NaN norm fails the 1e-7 test (the CPU kernel leaves that model unscaled); inf / inf is NaN
+    base, models = _inputs(2, (37, 53), torch.float32)
+    models[0][3, 4] = bad
+    models[1][0, 1] = float("inf")
+    kw = dict(method="dare_linear", rescale="l1", weight=[0.9, 0.4], density=[0.5, 0.7], seed=3, key=5)
+    _same_bits(*_both(base, models, **kw))
+    assert launches["_l1_kernel"] == 1
+
+
 @pytest.mark.parametrize("method,rescale", [("ties", None), ("dare_ties", "l1")])
 def test_triton_over_several_chunks(method, rescale, launches):
     # 3 chunks of the CPU kernel's l1 summation plan; magnitudes quantized so ties straddle blocks
@@ -128,6 +140,28 @@ def test_triton_op_passes_opcheck():
     base, models = _inputs(2, (5, 7), torch.float32)
     args = (base.to(DEVICE), [m.to(DEVICE) for m in models], "dare_ties", [0.6, 0.4], [0.5, 0.8], 0.9, True, "l1", 1, 2)
     torch.library.opcheck(torch.ops.ntkcl_fast_triton.merge_tensors.default, args)
+
+
+def test_triton_op_rejects_bad_arguments():
+    op = torch.ops.ntkcl_fast_triton.merge_tensors
+    base, models = _inputs(2, (5,), torch.float32)
+    base, models = base.to(DEVICE), [m.to(DEVICE) for m in models]
+    bad = [(ValueError, "method", (base, models, "slerp", [1.0, 1.0], [1.0, 1.0], 1.0, True, "none", 0, 0)),
+           (ValueError, "rescale", (base, models, "dare_ties", [1.0, 1.0], [1.0, 1.0], 1.0, True, "l2", 0, 0)),
+           (ValueError, "densities\\[1\\]", (base, models, "ties", [1.0, 1.0], [1.0, 1.5], 1.0, True, "none", 0, 0)),
+           (ValueError, "weights\\[0\\]", (base, models, "ties", [math.nan, 1.0], [1.0, 1.0], 1.0, True, "none", 0, 0)),
+           (ValueError, "models\\[1\\]", (base, [models[0], models[1][:4]], "ties", [1.0, 1.0], [1.0, 1.0], 1.0, True,
+                                        "none", 0, 0)),
+           (ValueError, "contiguous", (base, [models[0], torch.randn(10, device=DEVICE)[::2]], "ties", [1.0, 1.0],
+                                       [1.0, 1.0], 1.0, True, "none", 0, 0)),
+           (TypeError, "models\\[0\\]", (base, [models[0].double(), models[1]], "ties", [1.0, 1.0], [1.0, 1.0], 1.0,
+                                       True, "none", 0, 0)),
+           (ValueError, "base", (None, models, "ties", [1.0, 1.0], [1.0, 1.0], 1.0, True, "none", 0, 0)),
+           (ValueError, "weights", (base, models, "ties", [1.0], [1.0, 1.0], 1.0, True, "none", 0, 0)),
+           (ValueError, "lam", (base, models, "ties", [1.0, 1.0], [1.0, 1.0], math.inf, True, "none", 0, 0))]
+    for error, match, args in bad:
+        with pytest.raises(error, match=match):
+            op(*args)
 
 
 def test_merge_triton_kernels_compile_for_sm80_and_sm90():

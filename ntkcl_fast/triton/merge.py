@@ -172,7 +172,7 @@ def _histogram_kernel(base, ptrs, prefix, hist, n, S: tl.constexpr, SHIFT: tl.co
         counted = mask
         if not FIRST:
             counted = counted & ((key >> (SHIFT + 16)) == tl.load(prefix + s))
-        tl.atomic_add(hist + s * 65536 + ((key >> SHIFT) & 0xFFFF), ones, mask=counted)
+        tl.atomic_add(hist + s * 65536 + ((key >> SHIFT) & 0xFFFF), ones, mask=counted, sem="relaxed")
 
 
 @triton.jit
@@ -321,7 +321,8 @@ def _l1_scales(base, models, keys: list[int], thresholds: list[int], seed: int, 
     scales = []
     for fi, ki in zip(f, k):
         fa, ka = acc(fi), acc(ki)
-        scales.append(float(fa / ka) if fa >= acc(1e-7) and ka >= acc(1e-7) else 1.0)
+        with np.errstate(invalid="ignore"):  # inf / inf is NaN, as in the CPU kernel
+            scales.append(float(fa / ka) if fa >= acc(1e-7) and ka >= acc(1e-7) else 1.0)
     return scales
 
 
