@@ -1,6 +1,7 @@
 """Compiles the merge_tensors Triton kernels to PTX for sm_80 and sm_90 without a GPU, and checks
 that the PTX keeps the CPU kernel's rounding: no fused multiply-add in floating point (the
-launches pass enable_fp_fusion=False) and IEEE division (div.rn), as bit-identical results need.
+launches pass enable_fp_fusion=False), IEEE division (div.rn) and no flush of subnormals (.ftz),
+as bit-identical results need.
 
 The interpreter (TRITON_INTERPRET=1, what CI runs) neither type-checks kernels the way the
 compiler does nor shows what the GPU rounds, so this is the check of both on machines without a
@@ -27,8 +28,8 @@ assert Path(tm.__file__).resolve().parent.parent.parent == Path(__file__).resolv
 
 TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
 C = "constexpr"
-# a float FMA, or a division that is not correctly rounded
-UNEXACT = re.compile(r"\b(fma|mad)\.[a-z.]*f(32|64)\b|\bdiv\.(approx|full)\.")
+# a float FMA, a division that is not correctly rounded, or subnormals flushed to zero
+UNEXACT = re.compile(r"\b(fma|mad)\.[a-z.]*f(32|64)\b|\bdiv\.(approx|full)\.|\.ftz\.")
 
 
 def compile_one(fn, pointers: dict, consts: dict) -> None:

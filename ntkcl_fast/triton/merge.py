@@ -14,9 +14,11 @@ Statistics come first, from read passes that write nothing of numel size:
   tile, lanes in order, tiles in order, 16384-element chunks in order), so the scale has its
   bits. The per-chunk sums come from a kernel; their sequential fold is numpy's add.accumulate
   on the host (a tree reduction on the device would round differently).
-Floating point fusion is off at every launch (`enable_fp_fusion=False`): the CPU build uses
--ffp-contract=off, and one FMA in `b + lam * mixed` would change the last bit. bf16 is rounded
-to nearest even by integer ops, because the interpreter truncates on `.to(tl.bfloat16)`.
+Rounding as on the CPU: floating point fusion is off at every launch (`enable_fp_fusion=False`;
+the CPU build uses -ffp-contract=off, and one FMA in `b + lam * mixed` would change the last
+bit), fp32 divisions are `div_rn` (Triton's `/` is the approximate div.full on NVIDIA GPUs), and
+bf16 is rounded to nearest even by integer ops (the interpreter truncates on `.to(tl.bfloat16)`).
+scripts/compile_triton_merge.py checks the PTX for all three.
 """
 from __future__ import annotations
 
