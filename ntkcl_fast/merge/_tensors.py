@@ -2,6 +2,7 @@
 argument checked before anything runs."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,56 @@ def _merge_fake(base, models, method, weights, densities, lam, normalize, rescal
 
 if _backend._C is not None:
     torch.library.register_fake("ntkcl_fast::merge_tensors")(_merge_fake)
+
+
+def _check_op_args(base, models, method, weights, densities, lam, rescale) -> None:
+    """What csrc/merge_checks.h checks for the compiled op, with its messages: the Triton op reads
+    raw pointers, so a direct torch.ops call must not get past a bad argument."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{method}'")
+    if rescale not in RESCALES:
+        raise ValueError(f"rescale must be one of {', '.join(RESCALES)}, got '{rescale}'")
+    if not models:
+        raise ValueError("models must be a non-empty list of tensors")
+    if base is None and method != "linear":
+        raise ValueError("base may be None only for method linear")
+    like, label = (base, "base") if base is not None else (models[0], "models[0]")
+    if like.dtype not in _validate.FLOATING:
+        raise TypeError(f"{label} must be a floating tensor (fp16, bf16, fp32, fp64), got {like.dtype}")
+    if not like.is_contiguous():
+        raise ValueError(f"{label} must be contiguous")
+    for i, m in enumerate(models):
+        if m.dtype != like.dtype:
+            raise TypeError(f"models[{i}] must have the dtype of {label}")
+        if m.shape != like.shape:
+            raise ValueError(f"models[{i}] must have the shape of {label}")
+        if m.device != like.device:
+            raise ValueError(f"models[{i}] must be on the device of {label}")
+        if not m.is_contiguous():
+            raise ValueError(f"models[{i}] must be contiguous")
+    if len(weights) != len(models) or len(densities) != len(models):
+        raise ValueError(f"weights and densities must have one value per model ({len(models)}), got "
+                         f"{len(weights)} and {len(densities)}")
+    for i, (w, r) in enumerate(zip(weights, densities)):
+        if not math.isfinite(w):
+            raise ValueError(f"weights[{i}] must be finite")
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"densities[{i}] must be in [0, 1]")
+    if not math.isfinite(lam):
+        raise ValueError("lam must be finite")
+
+
+# the Triton kernel as an op of the extension's schema (ntkcl_fast/_backend.py, TRITON_NAMESPACE)
+@torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::merge_tensors", mutates_args=())
+def _triton_merge_tensors(base: torch.Tensor | None, models: list[torch.Tensor], method: str, weights: list[float],
+                          densities: list[float], lam: float, normalize: bool, rescale: str, seed: int,
+                          key: int) -> torch.Tensor:
+    _check_op_args(base, models, method, weights, densities, lam, rescale)
+    from ..triton.merge import merge_tensors as launch
+    return launch(base, models, method, weights, densities, lam, normalize, rescale, seed, key)
+
+
+_triton_merge_tensors.register_fake(_merge_fake)
 
 
 def _per_model(value, n: int, name: str, *, unit: bool = False) -> list[float]:
@@ -89,10 +140,6 @@ def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: fl
         raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
     name = _backend.resolve(backend, like.device, "merge_tensors")
-    if name == "triton":  # no Triton kernel yet: auto on CUDA falls through to the reference
-        if backend == "triton":
-            raise RuntimeError("backend 'triton' is not available: merge_tensors has no Triton kernel")
-        name = "torch"
     if like.numel() == 0:
         return torch.empty_like(like)
     if name == "torch":
