@@ -107,6 +107,26 @@ def test_cpu_matches_reference(method, rescale, dtype, n_models, shape):
 
 
 @needs_cpu
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_cpu_l1_rescale_with_a_nan_norm_scales_by_nan(method):
+    # a NaN norm is not below 1e-7, so that model's scale is NaN (mergekit, reference.dare.l1_rescaled):
+    # under dare_linear every element it keeps is NaN, not only the NaN entry; under dare_ties its
+    # NaN terms never match the elected sign and are dropped (API.md: a select, not a 0/1 mask)
+    base, models = _inputs(2, (37, 53))
+    models[0][3, 4] = float("nan")
+    kw = dict(method=method, rescale="l1", weight=[0.9, 0.4], density=[0.5, 0.7], seed=3, key=5)
+    got = merge_tensors(base, models, backend="cpu", **kw)
+    want = merge_tensors(base, models, backend="torch", **kw)
+    if method == "dare_linear":
+        assert got.isnan().sum() > 1
+    else:
+        assert not got.isnan().any()
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(torch.nan_to_num(got), torch.nan_to_num(want), rtol=2 * torch.finfo(torch.float32).eps,
+                               atol=1e-6)
+
+
+@needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_magnitude_ties_nan_and_zeros(dtype):
     # few distinct magnitudes and NaNs: the threshold sits inside long runs of ties, split by index

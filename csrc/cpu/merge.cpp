@@ -193,7 +193,8 @@ void select_thresholds(const cpu::ChunkPlan& chunks, const at::Tensor& base, at:
   }
 }
 
-// rescale="l1": scale_i = ||d_i||_1 / ||kept d_i||_1 (1 when either is below 1e-7). Per tile,
+// rescale="l1": scale_i = ||d_i||_1 / ||kept d_i||_1 (1 when either is below 1e-7; a NaN norm
+// is not below it and scales by NaN, as in mergekit and reference.dare.l1_rescaled). Per tile,
 // kLanes interleaved partial sums in fp64 added in lane order; tiles in chunk order, chunks in
 // plan order: one summation order at every thread count.
 template <typename Acc>
@@ -229,7 +230,7 @@ void l1_scales(const cpu::ChunkPlan& chunks, const at::Tensor& base, at::TensorL
     }
     ModelPlan<Acc>& p = plans[which[s]];
     const Acc fa = static_cast<Acc>(f), ka = static_cast<Acc>(k);
-    if (fa >= Acc(1e-7) && ka >= Acc(1e-7)) {
+    if (!(fa < Acc(1e-7) || ka < Acc(1e-7))) {
       p.multiply = true;
       p.scale = fa / ka;
     }

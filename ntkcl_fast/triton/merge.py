@@ -308,7 +308,7 @@ def _magnitude_plan(base, models, densities: list[float], meta: dict):
 
 def _l1_scales(base, models, keys: list[int], thresholds: list[int], seed: int, meta: dict, acc) -> list[float]:
     """||d_i||_1 / ||kept d_i||_1 in the CPU kernel's order and rounding, 1 when either is below 1e-7
-    (a NaN norm compares false: unscaled, as csrc/cpu/merge.cpp)."""
+    (a NaN norm is not below it: NaN scale, as csrc/cpu/merge.cpp and reference.dare.l1_rescaled)."""
     n, device, s = base.numel(), base.device, len(models)
     n_chunks = triton.cdiv(n, L1_CHUNK)
     full = torch.empty(s, n_chunks, dtype=torch.float64, device=device)
@@ -324,7 +324,7 @@ def _l1_scales(base, models, keys: list[int], thresholds: list[int], seed: int, 
     for fi, ki in zip(f, k):
         fa, ka = acc(fi), acc(ki)
         with np.errstate(invalid="ignore"):  # inf / inf is NaN, as in the CPU kernel
-            scales.append(float(fa / ka) if fa >= acc(1e-7) and ka >= acc(1e-7) else 1.0)
+            scales.append(1.0 if fa < acc(1e-7) or ka < acc(1e-7) else float(fa / ka))
     return scales
 
 
