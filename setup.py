@@ -126,7 +126,9 @@ def extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)  # keeps torch from probing a GPU for it
     sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))]
     macros += [("NTKCL_WITH_CUDA", None), ("NTKCL_CUDA_ARCHS", f'"{archs}"')]
-    nvcc = ["-O3", "-lineinfo"] + _gencode(archs)
+    # --fmad=false: as -ffp-contract=off for the C++ (nvcc contracts `a * b + c` by default), so the
+    # CUDA kernels round as the CPU kernels do; the FMAs they want are written as fma()
+    nvcc = ["-O3", "-lineinfo", "--fmad=false"] + _gencode(archs)
     return [CUDAExtension("ntkcl_fast._C", sources, define_macros=macros, include_dirs=_pip_cuda_includes(),
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)]
 
