@@ -72,12 +72,10 @@ class UpdatePlan:
     """
 
     def __init__(self, ema_module: torch.nn.Module, model: torch.nn.Module,
-                 exclude_buffers: bool, stochastic_rounding: bool):
+                 exclude_buffers: bool, stochastic_rounding: bool, keyed: bool = True):
+        """`keyed=False`: lists only, no freshness key (under torch.compile, whose guards on the
+        modules play that part; data pointers cannot be traced)."""
         self.model, self.ema_module, self.flags = model, ema_module, (exclude_buffers, stochastic_rounding)
-        modules = list(ema_module.modules()) + list(model.modules())
-        self.dicts = [d for m in modules for d in (m._parameters, m._buffers, m._modules)]
-        self.filled = [d for d in self.dicts if d]  # an empty dict that gains an entry changes length
-        self.persistence = [m._non_persistent_buffers_set for m in modules]
         # like timm: with exclude_buffers every buffer is copied (module.buffers()), else only
         # state_dict()'s are touched, so a non-persistent buffer keeps the value it was copied with
         ema_p, model_p, ema_b, model_b = pairs(ema_module, model, persistent_only=not exclude_buffers)
@@ -97,8 +95,13 @@ class UpdatePlan:
             group.src.append(s)
             group.moves |= s.device != e.device
         self.groups = list(groups.values())
-        self.storageless = [t for t in self.tensors if t.data_ptr() == 0]
-        self.key = self._key()
+        if keyed:
+            modules = list(ema_module.modules()) + list(model.modules())
+            self.dicts = [d for m in modules for d in (m._parameters, m._buffers, m._modules)]
+            self.filled = [d for d in self.dicts if d]  # an empty dict that gains an entry changes length
+            self.persistence = [m._non_persistent_buffers_set for m in modules]
+            self.storageless = [t for t in self.tensors if t.data_ptr() == 0]
+            self.key = self._key()
 
     def _key(self) -> tuple:
         return (tuple(map(len, self.dicts)),

@@ -244,8 +244,10 @@ class ModelEMA(torch.nn.Module):
 
     def _plan_for(self, model: torch.nn.Module) -> UpdatePlan:
         """The cached lists of `update`, walked anew when anything they were built from changed."""
-        plan = self.__dict__.get("_plan")  # absent from an average pickled before plans existed
         flags = (self.exclude_buffers, self.stochastic_rounding)
+        if torch.compiler.is_compiling():  # traced once; dynamo's guards on the modules see changes
+            return UpdatePlan(self.module, model, *flags, keyed=False)
+        plan = self.__dict__.get("_plan")  # absent from an average pickled before plans existed
         if (plan is None or plan.model is not model or plan.ema_module is not self.module
                 or plan.flags != flags or not plan.fresh()):
             plan = self._plan = UpdatePlan(self.module, model, *flags)
