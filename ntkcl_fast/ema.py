@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend, _validate, distributed, distributed_ema
+from ._model_ema_plan import UpdatePlan, buffers as _buffers, pairs as _pairs
 from ._value_checks import checked_values
 from .random import as_i64, as_u64, philox_words
 from .reference import ema as reference
@@ -165,18 +166,6 @@ def _stochastic_round_fake(dst, x, seed, key, step):
     torch._check(dst.shape == x.shape, lambda: "dst and x must have the same shape")
 
 
-def _buffers(module: torch.nn.Module, persistent_only: bool) -> list[torch.Tensor]:
-    """module.buffers() in its order, less the non-persistent ones when `persistent_only`."""
-    seen, out = set(), []
-    for m in module.modules():
-        for name, b in m._buffers.items():
-            if b is None or id(b) in seen or (persistent_only and name in m._non_persistent_buffers_set):
-                continue
-            seen.add(id(b))
-            out.append(b)
-    return out
-
-
 class ModelEMA(torch.nn.Module):
     """Exponential moving average of a model's weights; a drop-in for timm's `ModelEmaV3`.
 
@@ -233,6 +222,7 @@ class ModelEMA(torch.nn.Module):
         self._rounding_seed = as_u64(stochastic_rounding_seed or 0, "stochastic_rounding_seed")
         # updates so far: the Philox counter of the rounding draws (not in state_dict, like timm)
         self.register_buffer("_rounding_step", torch.zeros((), dtype=torch.int64), persistent=False)
+        self._plan: UpdatePlan | None = None  # update()'s tensor lists, built on first use
 
     @staticmethod
     def task_mean_decay(task_index: int) -> float:
@@ -252,17 +242,16 @@ class ModelEMA(torch.nn.Module):
             return max(min(decay, self.decay), self.min_decay)
         return self.decay
 
-    def _pairs(self, model: torch.nn.Module, persistent_only: bool):
-        """(ema, model) tensors in matching order: parameters, then buffers (the persistent ones,
-        those of state_dict, when `persistent_only`). Tied tensors once each."""
-        ema_p = [p for _, p in self.module.named_parameters()]
-        model_p = [p.detach() for _, p in model.named_parameters()]
-        ema_b = _buffers(self.module, persistent_only)
-        model_b = [b.detach() for b in _buffers(model, persistent_only)]
-        if len(ema_p) != len(model_p) or len(ema_b) != len(model_b):
-            raise ValueError(f"model has {len(model_p)} parameters and {len(model_b)} buffers, "
-                             f"the EMA copy has {len(ema_p)} and {len(ema_b)}")
-        return ema_p, model_p, ema_b, model_b
+    def _plan_for(self, model: torch.nn.Module) -> UpdatePlan:
+        """The cached lists of `update`, walked anew when anything they were built from changed."""
+        flags = (self.exclude_buffers, self.stochastic_rounding)
+        if torch.compiler.is_compiling():  # traced once; dynamo's guards on the modules see changes
+            return UpdatePlan(self.module, model, *flags, keyed=False)
+        plan = self.__dict__.get("_plan")  # absent from an average pickled before plans existed
+        if (plan is None or plan.model is not model or plan.ema_module is not self.module
+                or plan.flags != flags or not plan.fresh()):
+            plan = self._plan = UpdatePlan(self.module, model, *flags)
+        return plan
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int | None = None, *, decay: float | None = None) -> None:
@@ -271,38 +260,29 @@ class ModelEMA(torch.nn.Module):
         if self._sharded is not None:
             self._sharded.update(decay, self.backend, average_buffers=not self.exclude_buffers)
             return
-        # like timm: with exclude_buffers every buffer is copied (module.buffers()), else only
-        # state_dict()'s are touched, so a non-persistent buffer keeps the value it was copied with
-        ema_p, model_p, ema_b, model_b = self._pairs(model, persistent_only=not self.exclude_buffers)
-        if self.exclude_buffers:
-            ema_avg, src_avg = ema_p, model_p
-            ema_copy, src_copy = ema_b, model_b
-        else:
-            ema_avg = ema_p + [b for b in ema_b if b.is_floating_point()]
-            src_avg = model_p + [b for b, e in zip(model_b, ema_b) if e.is_floating_point()]
-            ema_copy = [b for b in ema_b if not b.is_floating_point()]
-            src_copy = [b for b, e in zip(model_b, ema_b) if not e.is_floating_point()]
-        by_device: dict[torch.device, tuple[list, list]] = {}
-        for e, s in zip(ema_avg, src_avg):
-            lists = by_device.setdefault(e.device, ([], []))
-            lists[0].append(e)
-            lists[1].append(s.to(e.device))
-        for device, (ema_list, src_list) in by_device.items():
-            low = [i for i, e in enumerate(ema_list) if e.dtype in (torch.float16, torch.bfloat16)]
-            if not self.stochastic_rounding or not low:
+        plan = self._plan_for(model)
+        for group in plan.groups:
+            ema_list = group.ema
+            src_list = [s.to(group.device) for s in group.src] if group.moves else group.src
+            if not group.low:
                 ema_update_(ema_list, src_list, decay, backend=self.backend)
                 continue
-            low_set = set(low)
-            rest = [i for i in range(len(ema_list)) if i not in low_set]
-            ema_update_([ema_list[i] for i in rest], [src_list[i] for i in rest], decay, backend=self.backend)
-            wide = [ema_list[i].float() for i in low]  # the fp32 average, then one stochastic rounding
-            ema_update_(wide, [src_list[i] for i in low], decay, backend=self.backend)
-            for i, w in zip(low, wide):
+            ema_update_([ema_list[i] for i in group.rest], [src_list[i] for i in group.rest], decay,
+                        backend=self.backend)
+            wide = [ema_list[i].float() for i in group.low]  # the fp32 average, then one stochastic rounding
+            ema_update_(wide, [src_list[i] for i in group.low], decay, backend=self.backend)
+            for i, w in zip(group.low, wide):
                 _stochastic_round_(ema_list[i], w, as_i64(self._rounding_seed), i, self._rounding_step)
         if self.stochastic_rounding:
             self._rounding_step.add_(1)
-        for e, s in zip(ema_copy, src_copy):
+        for e, s in plan.copies:
             e.copy_(s.to(e.device))
+
+    def __getstate__(self):
+        """deepcopy and pickle leave the cached plan behind: it holds the live model's tensors."""
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        return state
 
     @torch.no_grad()
     def set(self, model: torch.nn.Module) -> None:
@@ -310,7 +290,7 @@ class ModelEMA(torch.nn.Module):
         if self._sharded is not None:
             self._sharded.set()
             return
-        ema_p, model_p, ema_b, model_b = self._pairs(distributed_ema.unwrap(model), persistent_only=True)
+        ema_p, model_p, ema_b, model_b = _pairs(self.module, distributed_ema.unwrap(model), persistent_only=True)
         for e, s in zip(ema_p + ema_b, model_p + model_b):
             e.copy_(s.to(e.device))
 
@@ -321,7 +301,7 @@ class ModelEMA(torch.nn.Module):
             self._sharded.copy_to(model)
             return
         module = distributed_ema.unwrap(model)
-        ema_p, _, ema_b, _ = self._pairs(module, persistent_only=True)
+        ema_p, _, ema_b, _ = _pairs(self.module, module, persistent_only=True)
         targets = [p for _, p in module.named_parameters()] + _buffers(module, True)
         for t, e in zip(targets, ema_p + ema_b):
             t.detach().copy_(e.to(t.device))
