@@ -84,9 +84,11 @@ def _shard_dims(t) -> tuple[int, ...]:
     return tuple(d for d, p in enumerate(t.placements) if isinstance(p, Shard))
 
 
-def reduction_split(params: list, name: str):
+def reduction_split(params: list, name: str, labels: list[str] | None = None):
     """(indices of sharded tensors, indices of replicated ones, process group of the sum): the
-    sharded partials are summed over the one mesh dimension that shards them."""
+    sharded partials are summed over the one mesh dimension that shards them. Errors name
+    `labels[i]` when given, else `name[i]`."""
+    label = (lambda i: labels[i]) if labels is not None else (lambda i: f"{name}[{i}]")
     mesh, dims = None, None
     sharded, replicated = [], []
     for i, p in enumerate(params):
@@ -97,11 +99,11 @@ def reduction_split(params: list, name: str):
         if mesh is None:
             mesh, dims = p.device_mesh, d
         elif p.device_mesh != mesh or d != dims:
-            raise ValueError(f"{name}[{i}] is sharded on {p.device_mesh} dims {d}, {name}[{sharded[0]}] on "
+            raise ValueError(f"{label(i)} is sharded on {p.device_mesh} dims {d}, {label(sharded[0])} on "
                              f"{mesh} dims {dims}; a sum needs one mesh and one sharded mesh dim per call")
         sharded.append(i)
     if dims is not None and len(dims) > 1:
-        raise ValueError(f"{name}[{sharded[0]}] is sharded over {len(dims)} mesh dims; sums support one")
+        raise ValueError(f"{label(sharded[0])} is sharded over {len(dims)} mesh dims; sums support one")
     return sharded, replicated, (mesh.get_group(dims[0]) if sharded else None)
 
 

@@ -1,4 +1,5 @@
-"""One rank of the multi-process tests: `python -m tests._dist_worker SCENARIO RANK WORLD PORT [ARG]`.
+"""One rank of the multi-process tests: `python -m tests._dist_worker SCENARIO RANK WORLD PORT [ARG]`
+(SCENARIO: a name in SCENARIOS, or `module:function` for the scenarios kept beside their tests).
 
 Every rank builds the same full tensors from one seed, computes the single-process result on
 them, then runs the op on DTensors (uneven Shard(0) and Replicate) and checks the gathered
@@ -258,13 +259,22 @@ def scenario_dcp_load(rank, world, ckpt_dir):
 SCENARIOS = {"ops": scenario_ops, "model_ema": scenario_model_ema, "dcp_load": scenario_dcp_load}
 
 
+def _scenario(name: str):
+    """A scenario of this file by name, or `module:function` for one kept beside its test."""
+    if ":" not in name:
+        return SCENARIOS[name]
+    import importlib
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def main():
     scenario, rank, world, port, *rest = sys.argv[1:]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=rank, WORLD_SIZE=world,
                       LOCAL_RANK=rank)
     dist.init_process_group("gloo", rank=int(rank), world_size=int(world))
     try:
-        SCENARIOS[scenario](int(rank), int(world), *rest)
+        _scenario(scenario)(int(rank), int(world), *rest)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,0 +1,141 @@
+"""AdamR and EWC on FSDP2-sharded models at world sizes 1, 2 and 3 (gloo, CPU), against the same
+optimizer / regularizer on the unsharded model in the same rank. The `scenario_*` functions run
+in every rank (launched through tests/_dist_worker.py); the tests below launch them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .test_distributed import launch, pytestmark  # noqa: F401  (pytestmark: skip without gloo)
+
+STEPS = 3
+
+
+# ------------------------------------------------------------------------------ rank side
+
+def _model(dtype):
+    torch.manual_seed(0)  # weight rows 7 and 2: uneven shards at world 2 and 3, an empty one at 3
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 2)).to(dtype)
+
+
+def _recording(fn, seen):
+    def record(*args, **kwargs):
+        value = fn(*args, **kwargs)
+        seen.append(value.clone())
+        return value
+    return record
+
+
+def _adamr_case(mesh, dtype, backend, hyper):
+    """K steps of AdamR on an FSDP2 model (plus one replicated DTensor param) and on its unsharded
+    twin, with the same gradients. The twin steps with the sharded run's V, so every param and
+    moment must match bit for bit; its own V must equal that V within fp64 summation rounding."""
+    from unittest import mock
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    from ntkcl_fast import AdamR
+    from ntkcl_fast.adamr import _dtensor
+
+    from ._dist_worker import _equal, _full, _same_on_every_rank
+
+    ref, model = _model(dtype), _model(dtype)
+    fully_shard(model, mesh=mesh)
+    extra = _full((3, 2), dtype, 77)
+    ref_params = [list(ref[0].parameters()), list(ref[1].parameters()) + [torch.nn.Parameter(extra.clone())]]
+    params = [list(model[0].parameters()), list(model[1].parameters())
+              + [torch.nn.Parameter(distribute_tensor(extra.clone(), mesh, [Replicate()]))]]
+    groups = [dict(pull=0.3, weight_decay=0.01), dict(pull=0.2, pull_norm="l1", amsgrad=True, lr=2e-2)]
+
+    def make(ps):
+        return AdamR([dict(params=p, **g) for p, g in zip(ps, groups)], lr=1e-2, betas=(0.8, 0.9), eps=1e-6,
+                     backend=backend, **hyper)
+    ref_opt, opt = make(ref_params), make(params)
+    flat_ref = [p for ps in ref_params for p in ps]
+    flat = [p for ps in params for p in ps]
+    n = sum(p.numel() for p in flat_ref)
+    # V sums n non-negative fp64 terms; two summation orders each err by at most (n - 1) * 2**-53
+    # relative, so they differ by less than 2 * n * 2**-53
+    v_rtol = 2 * n * 2.0 ** -53
+    v_seen, ref_v = [], []
+    ref_v_mean = ref_opt._v_mean
+
+    def v_from_sharded(plans, calls):
+        ref_v.append(ref_v_mean(plans, calls))
+        return v_seen[len(ref_v) - 1]
+    ref_opt._v_mean = v_from_sharded
+
+    needs_v = hyper.get("pull_scale", "stable") == "stable"
+    for k in range(STEPS):
+        for i, (r, p) in enumerate(zip(flat_ref, flat)):
+            g = _full(r.shape, dtype, 1000 * k + i)
+            r.grad = g.clone()
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements)
+        with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as calls, \
+                mock.patch.object(_dtensor, "v_mean", _recording(_dtensor.v_mean, v_seen)):
+            opt.step()
+        assert calls.call_count == int(needs_v), f"step {k} made {calls.call_count} all_reduce calls"
+        ref_opt.step()
+        what = f"AdamR {dtype} {backend} {hyper} step {k}"
+        if needs_v:
+            _same_on_every_rank(v_seen[k], what + " V")
+            torch.testing.assert_close(v_seen[k], ref_v[k], rtol=v_rtol, atol=0, msg=what + " V")
+        for i, (r, p) in enumerate(zip(flat_ref, flat)):
+            _equal(p, r.detach(), f"{what} param [{i}]")
+            for key, want in ref_opt.state[r].items():
+                got = opt.state[p][key]
+                if key == "step":
+                    assert torch.equal(got, want), f"{what} step count [{i}]"
+                else:
+                    assert tuple(got.placements) == tuple(p.placements), f"{what} {key} [{i}] placements"
+                    _equal(got, want, f"{what} {key} [{i}]")
+    local = sum(opt.state[p][key].to_local().numel() for p in flat for key in ("exp_avg", "anchor"))
+    assert local == 2 * sum(p.to_local().numel() for p in flat), "the state is not the local shards"
+    assert all(isinstance(opt.state[p]["exp_avg_sq"], DTensor) for p in flat)
+
+
+def _adamr_errors(mesh):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from ntkcl_fast import AdamR
+
+    a = torch.nn.Parameter(distribute_tensor(torch.randn(6, 2), mesh, [Shard(0)]))
+    b = torch.nn.Parameter(torch.randn(6, 2))
+    cases = [([a, b], lambda: None, r"param_groups\[0\]\.params\[1\] is a plain Tensor")]
+    if mesh.size() > 1:  # a grad placed otherwise than its param (Replicate equals Shard at world 1)
+        c = torch.nn.Parameter(distribute_tensor(torch.randn(6, 2), mesh, [Shard(0)]))
+        cases.append(([a, c], lambda: setattr(c, "grad", distribute_tensor(torch.randn(6, 2), mesh, [Replicate()])),
+                      r"param_groups\[0\]\.params\[1\]\.grad"))
+    import re
+    for ps, setup, match in cases:
+        opt = AdamR(ps, pull=0.1)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        setup()
+        before = [p.detach().clone() for p in ps]
+        try:
+            opt.step()
+        except ValueError as e:
+            assert re.search(match, str(e)), f"message {e!r} does not name {match}"
+        else:
+            raise AssertionError(f"no ValueError for {match}")
+        assert all(torch.equal(p.detach(), q) for p, q in zip(ps, before)), "a failed step wrote"
+
+
+def scenario_adamr(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    for backend in ("torch", "cpu"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            _adamr_case(mesh, dtype, backend, {})
+        _adamr_case(mesh, torch.float32, backend, dict(pull_scale="lr"))
+    _adamr_errors(mesh)
+
+
+# ------------------------------------------------------------------------------ launches
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_adamr_fsdp2_equals_single_process(world):
+    launch("tests.test_distributed_optim:scenario_adamr", world)
