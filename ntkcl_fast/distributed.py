@@ -236,3 +236,62 @@ def dare_delta_(delta, p, q, rescale, seed, key, offset, backend: str):
     _placements_ok(delta, "delta")
     plain(delta.to_local(), p, q=q, rescale=rescale, seed=seed, key=key, offset=start, backend=backend)
     return delta
+
+
+# ------------------------------------------------------------------------------ EWC on FSDP2 models
+
+def fsdp_params(model: torch.nn.Module, names: list[str]):
+    """(the parameters named `names`, every parameter) of an FSDP2-sharded model (`fully_shard`
+    applied in it), or None for any other model. Taken once and kept: between a forward and its
+    backward FSDP2 swaps unsharded parameters into the modules, while its sharded ones stay the
+    same objects for the model's life (optimizers hold them too)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return None
+    named = dict(model.named_parameters())
+    for n in names:
+        if not is_dtensor(named[n]):
+            raise ValueError(f"parameter {n!r} of the FSDP2 model is not a DTensor: create EWC while the model is "
+                             "sharded (not between a forward and its backward), every selected parameter under "
+                             "fully_shard")
+    return [named[n] for n in names], list(named.values())
+
+
+def fsdp_batch_grads(every_param: list, params: list, loss: torch.Tensor) -> list:
+    """`loss`'s gradients of `params` as FSDP2 makes them (backward, then its reduce-scatter: this
+    rank's shard of the gradient averaged over the ranks), leaving every `.grad` as it was."""
+    saved = [p.grad for p in every_param]
+    for p in every_param:
+        p.grad = None
+    try:
+        loss.backward()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    finally:
+        for p, g in zip(every_param, saved):
+            p.grad = g
+
+
+def data_parallel_size(params: list) -> tuple[int, object]:
+    """(ranks sharing each batch, their process group) for parameters sharded on one 1-D mesh."""
+    mesh = params[0].device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"EWC's Fisher on a {mesh.ndim}-D device mesh (HSDP, tensor parallel) is not "
+                                  "supported; FSDP2 on a 1-D mesh is")
+    return mesh.size(), mesh.get_group()
+
+
+def check_equal_batch_sizes(sizes: list[int], params: list) -> None:
+    """ValueError on every rank unless each batch has one size on all ranks (one all-reduce):
+    only then is FSDP2's rank-averaged gradient the mean-loss gradient of the global batch."""
+    _, group = data_parallel_size(params)
+    local = torch.tensor(sizes + [-s for s in sizes], dtype=torch.int64, device=params[0].device_mesh.device_type)
+    torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX, group=group)
+    largest, smallest = local[:len(sizes)].tolist(), [-s for s in local[len(sizes):].tolist()]
+    odd = [b for b, (lo, hi) in enumerate(zip(smallest, largest)) if lo != hi]
+    if odd:
+        b = odd[0]
+        raise ValueError(f"batches: batch {b} has {smallest[b]} to {largest[b]} samples on different ranks; on an "
+                         "FSDP2 model every rank must pass batches of one size, batch by batch")

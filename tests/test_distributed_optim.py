@@ -134,8 +134,136 @@ def scenario_adamr(rank, world):
     _adamr_errors(mesh)
 
 
+def _batches(rank, world, seed, sizes=(2, 3)):
+    """(global batches for the single-process run, this rank's parts of them)."""
+    full, part = [], []
+    for b, n in enumerate(sizes):
+        x = _full_x((world * n, 5), seed + b)
+        y = torch.arange(world * n) % 2
+        full.append((x, y))
+        part.append((x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]))
+    return full, part
+
+
+def _full_x(shape, seed):
+    from ._dist_worker import _full
+    return _full(shape, torch.float64, seed)
+
+
+def _set_params(ref, model, seed):
+    from torch.distributed.tensor import distribute_tensor
+    with torch.no_grad():
+        for i, (r, p) in enumerate(zip(ref.parameters(), model.parameters())):
+            full = _full_x(r.shape, seed + i)
+            r.copy_(full)
+            p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
+
+
+# fp64 models: the sharded gradients (so the Fisher) differ from the single-process ones only in
+# how each batch sums its samples' O(1) terms (per rank, then FSDP2's average over the ranks): a
+# few fp64 ulps of 1 (2.2e-16) where terms cancel, a few relative ulps elsewhere (seen: 4.4e-16)
+EWC_TOL = dict(rtol=1e-12, atol=1e-14)
+# the penalty's value is fp32 and sums in another order (shards, then the all-reduce): as in the
+# DTensor l2_penalty test, a few fp32 ulps
+PENALTY_TOL = dict(rtol=1e-6, atol=0)
+
+
+def _close(dt, want, what):
+    from torch.distributed.tensor import DTensor
+    assert isinstance(dt, DTensor), f"{what}: not a DTensor"
+    torch.testing.assert_close(dt.full_tensor(), want, **EWC_TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _ewc_case(rank, world, mesh, kwargs):
+    from torch.distributed.fsdp import fully_shard
+
+    from ntkcl_fast import EWC
+
+    from ._dist_worker import _equal, _same_on_every_rank
+
+    ref, model = _model(torch.float64), _model(torch.float64)
+    fully_shard(model, mesh=mesh)
+    ref_ewc, ewc = EWC(ref, lam=0.7, **kwargs), EWC(model, lam=0.7, **kwargs)
+    what = f"EWC {kwargs}"
+    for e in (ref_ewc, ewc):
+        e.anchor_to_current(importance=0.5)
+    for task in range(2):
+        _set_params(ref, model, 100 * task)
+        full, part = _batches(rank, world, 10 * task)
+        want = ref_ewc.consolidate(full)
+        got = ewc.consolidate(part)
+        for i, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, f"{what} task {task} Fisher [{i}]")
+    assert len(ewc.terms) == len(ref_ewc.terms)
+    for (anchors, fisher), (ref_anchors, _) in zip(ewc.terms, ref_ewc.terms):
+        for i, (a, w) in enumerate(zip(anchors, ref_anchors)):
+            _equal(a, w, f"{what} anchor [{i}]")
+        local = sum(t.to_local().numel() for t in anchors + fisher)
+        assert local == 2 * sum(p.to_local().numel() for p in ewc.parameters()), "the terms are not local shards"
+
+    _set_params(ref, model, 500)
+    want = ref_ewc.penalty()
+    got = ewc.penalty()
+    torch.testing.assert_close(got, want, **PENALTY_TOL, msg=lambda m: f"{what} penalty: {m}")
+    _same_on_every_rank(got, what + " penalty")
+    # a training step: the task loss through FSDP2's backward, the penalty on the sharded params
+    full, part = _batches(rank, world, 900, sizes=(2,))
+    torch.nn.functional.cross_entropy(ref(full[0][0]), full[0][1]).add(want).backward()
+    torch.nn.functional.cross_entropy(model(part[0][0]), part[0][1]).add(got).backward()
+    for i, (p, r) in enumerate(zip(model.parameters(), ref.parameters())):
+        _close(p.grad, r.grad, f"{what} training grad [{i}]")
+    for m in (ref, model):
+        m.zero_grad(set_to_none=True)
+    want, got = ref_ewc.penalty_grad_(), ewc.penalty_grad_()
+    torch.testing.assert_close(got, want, **PENALTY_TOL, msg=lambda m: f"{what} penalty_grad_: {m}")
+    for i, (p, r) in enumerate(zip(ewc.parameters(), ref_ewc.parameters())):
+        _close(p.grad, r.grad, f"{what} penalty_grad_ [{i}]")
+
+
+def _ewc_errors(rank, world, mesh):
+    import re
+
+    from torch.distributed.fsdp import fully_shard
+
+    from ntkcl_fast import EWC
+
+    model = _model(torch.float64)
+    fully_shard(model, mesh=mesh)
+    ewc = EWC(model, per_sample=True, convention="mammoth")
+    cases = [(lambda: ewc.consolidate(_batches(rank, world, 0)[1]), NotImplementedError, "per_sample")]
+    if world > 1:  # rank 0's part of batch 1 has one sample more
+        ewc2 = EWC(model)
+        part = _batches(rank, world, 0)[1]
+        if rank == 0:
+            part[1] = (torch.cat([part[1][0], part[1][0][:1]]), torch.cat([part[1][1], part[1][1][:1]]))
+        cases.append((lambda: ewc2.consolidate(part), ValueError, "batch 1 has 3 to 4 samples"))
+    for call, err, match in cases:
+        try:
+            call()
+        except err as e:
+            assert re.search(match, str(e)), f"message {e!r} does not name {match}"
+        else:
+            raise AssertionError(f"no {err.__name__} for {match}")
+    assert not ewc.terms and (world == 1 or not ewc2.terms), "a failed consolidation kept a term"
+    assert all(p.grad is None for p in model.parameters()), "consolidation left gradients behind"
+
+
+def scenario_ewc(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    for kwargs in (dict(), dict(convention="pycil", fisher_max=1e-2), dict(convention="clb"),
+                   dict(convention="mammoth", per_sample=False, params=r"^1\.")):
+        _ewc_case(rank, world, mesh, kwargs)
+    _ewc_errors(rank, world, mesh)
+
+
 # ------------------------------------------------------------------------------ launches
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_adamr_fsdp2_equals_single_process(world):
     launch("tests.test_distributed_optim:scenario_adamr", world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ewc_fsdp2_equals_single_process(world):
+    launch("tests.test_distributed_optim:scenario_ewc", world)
