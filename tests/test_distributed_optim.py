@@ -124,9 +124,7 @@ def _adamr_errors(mesh):
         assert all(torch.equal(p.detach(), q) for p, q in zip(ps, before)), "a failed step wrote"
 
 
-def scenario_adamr(rank, world):
-    from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh("cpu", (world,))
+def _adamr_cases(mesh):
     for backend in ("torch", "cpu"):
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             _adamr_case(mesh, dtype, backend, {})
@@ -248,22 +246,23 @@ def _ewc_errors(rank, world, mesh):
     assert all(p.grad is None for p in model.parameters()), "consolidation left gradients behind"
 
 
-def scenario_ewc(rank, world):
-    from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh("cpu", (world,))
+def _ewc_cases(rank, world, mesh):
     for kwargs in (dict(), dict(convention="pycil", fisher_max=1e-2), dict(convention="clb"),
                    dict(convention="mammoth", per_sample=False, params=r"^1\.")):
         _ewc_case(rank, world, mesh, kwargs)
     _ewc_errors(rank, world, mesh)
 
 
+def scenario_optim(rank, world):
+    """One launch per world size for both: starting the ranks costs more than the cases."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    _adamr_cases(mesh)
+    _ewc_cases(rank, world, mesh)
+
+
 # ------------------------------------------------------------------------------ launches
 
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_adamr_fsdp2_equals_single_process(world):
-    launch("tests.test_distributed_optim:scenario_adamr", world)
-
-
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_ewc_fsdp2_equals_single_process(world):
-    launch("tests.test_distributed_optim:scenario_ewc", world)
+def test_adamr_and_ewc_on_fsdp2_equal_single_process(world):
+    launch("tests.test_distributed_optim:scenario_optim", world)
