@@ -220,6 +220,14 @@ def _dare_args(t, name: str, q, rescale: str, offset: int):
     return start, _rows_q(q, t, start)
 
 
+def check_dare_state_entry(f, f_name: str, b, b_name: str, rescale: str) -> None:
+    """An entry of `dare_state_dict` can take the DTensor path (ValueError naming it otherwise)."""
+    if rescale == "l1":
+        raise ValueError(f"rescale='l1' needs each tensor's global L1 norms; {f_name} is a DTensor")
+    check_pair(f, f_name, b, b_name)
+    flat_offset(f, f_name)
+
+
 def dare(finetuned, base, p, q, rescale, seed, key, out, offset, backend: str):
     from .dare import dare as plain
     start, q = _dare_args(finetuned, "finetuned", q, rescale, offset)
