@@ -28,7 +28,7 @@ def is_dtensor(t) -> bool:
 
 # ------------------------------------------------------------------------------ checks and shards
 
-def _placements_ok(t, name: str) -> None:
+def check_placements(t, name: str) -> None:
     for p in t.placements:
         if not isinstance(p, (Shard, Replicate)):
             raise ValueError(f"{name} has placement {p}; only Shard and Replicate placements are supported")
@@ -52,7 +52,7 @@ def local_lists(named: list[tuple[str, list]]) -> list[list[torch.Tensor]]:
     for i, t in enumerate(first):
         if not is_dtensor(t):
             raise ValueError(f"{first_name}[{i}] must be a DTensor like {first_name}[0], got a plain Tensor")
-        _placements_ok(t, f"{first_name}[{i}]")
+        check_placements(t, f"{first_name}[{i}]")
     for name, tensors in named[1:]:
         for i, (a, b) in enumerate(zip(first, tensors)):
             check_pair(a, f"{first_name}[{i}]", b, f"{name}[{i}]")
@@ -70,7 +70,7 @@ def flat_offset(t, name: str) -> int:
     """Global row-major flat index of the local shard's first element. The shard must be one
     contiguous range of the flat tensor: sharded along dim 0 only (FSDP2's Shard(0), uneven
     shards included), or replicated."""
-    _placements_ok(t, name)
+    check_placements(t, name)
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (its flat index is the row-major one)")
     local_shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
@@ -241,7 +241,7 @@ def dare(finetuned, base, p, q, rescale, seed, key, out, offset, backend: str):
 def dare_delta_(delta, p, q, rescale, seed, key, offset, backend: str):
     from .dare import dare_delta_ as plain
     start, q = _dare_args(delta, "delta", q, rescale, offset)
-    _placements_ok(delta, "delta")
+    check_placements(delta, "delta")
     plain(delta.to_local(), p, q=q, rescale=rescale, seed=seed, key=key, offset=start, backend=backend)
     return delta
 

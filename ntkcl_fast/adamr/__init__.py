@@ -12,6 +12,8 @@ A step is at most two fused multi-tensor passes per device and group (ops in `_o
 V's numerator, only when a group needs V, then the update, which reads V and the step counts
 from device memory. Step counts are 0-d fp32 tensors on each parameter's device (torch.optim's
 fused / capturable format), so `torch.compile(opt.step)` builds one graph for every step.
+DTensor parameters (FSDP2) step their local shards, V summed globally with one all-reduce per
+step (`_dtensor`).
 """
 from __future__ import annotations
 

@@ -27,19 +27,18 @@ def check_kinds(params: list, labels: list[str]) -> bool:
 
 
 def local_lists(lists, labels: list[str]):
-    """`lists` (an `_ops`-ordered tuple of tensor lists; the last, step counts, stays as is) as
-    the local shards, after checking that every grad and state tensor is a DTensor with its
-    param's mesh and placements."""
-    names = ("", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "anchor")
-    named = [(f"{labels[0]}.{n}" if n else labels[0], lst) for n, lst in zip(names, lists[:-1]) if lst]
-    for i, p in enumerate(lists[0]):
-        distributed._placements_ok(p, labels[i])
-        for n, lst in zip(names[1:], lists[1:-1]):
-            if lst:
-                distributed.check_pair(p, labels[i], lst[i], f"{labels[i]}.{n}" if n == "grad"
-                                       else f"state[{labels[i]}][{n!r}]")
-    local = iter(distributed.local_lists(named))
-    return tuple(next(local) if lst else [] for lst in lists[:-1]) + (lists[-1],)
+    """`lists` (one fused call's tensor lists in `_ops.step_`'s order; the last, step counts, stays
+    as is) as local shards, after checking that every grad and state tensor is a DTensor with its
+    param's mesh and placements (ValueError naming it otherwise)."""
+    params, *others, steps = lists
+    names = ("grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "anchor")
+    for i, p in enumerate(params):
+        distributed.check_placements(p, labels[i])
+        for n, lst in zip(names, others):
+            if lst:  # max_exp_avg_sq is empty without AMSGrad
+                distributed.check_pair(p, labels[i], lst[i],
+                                       f"{labels[i]}.grad" if n == "grad" else f"state[{labels[i]}][{n!r}]")
+    return tuple([t.to_local() for t in lst] for lst in (params, *others)) + (steps,)
 
 
 def v_mean(plans, calls, labels: list[str]) -> torch.Tensor:
