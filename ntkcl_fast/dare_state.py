@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import _backend, _validate
+from . import _backend, _validate, distributed
 from .dare import _pair, _q_arg, _rescale_arg, _run
 from .random import as_i64, as_u64, tensor_key, threshold
 
@@ -65,7 +65,9 @@ def dare_state_dict(finetuned, base, p: float, *, q=None, rescale: str = "densit
     non-floating tensors are returned as the finetuned value. All tensors with a scalar q go in one
     launch per device (CUDA kernel; the Triton backend takes one launch per dtype), their keys and
     q in the launch table; tensors with a per-row q, and every tensor under rescale="l1" (its
-    norms come first), take one launch each.
+    norms come first), take one launch each. A DTensor entry (an FSDP2 state dict) takes one call on its
+    local shard, drawn by global element index: the result is the DTensor of the unsharded
+    result, bit for bit (rescale="l1" is refused there: its norms are global).
     """
     finetuned, base, merged = _state_args(finetuned, base, buffers)
     if set(finetuned) != set(base):
@@ -84,6 +86,7 @@ def dare_state_dict(finetuned, base, p: float, *, q=None, rescale: str = "densit
             raise ValueError(f"q names tensors that are not in the state dict: {unknown[:5]}")
     result: dict = {}
     plan = []  # (name, finetuned, base, q float, q rows)
+    sharded = []  # (name, finetuned, base, q as given): DTensors, one call each
     for name, f in finetuned.items():
         if not isinstance(name, str):
             raise TypeError(f"state dict keys must be str, got {type(name).__name__}")
@@ -99,8 +102,12 @@ def dare_state_dict(finetuned, base, p: float, *, q=None, rescale: str = "densit
         _pair(f, b, f"finetuned[{name!r}]", f"base[{name!r}]")
         qn = q.get(name) if isinstance(q, Mapping) else q
         qv, q_rows = _q_arg(qn, p, f, f"q[{name!r}]" if isinstance(q, Mapping) else "q")
-        plan.append((name, f, b, 1.0 if rescale == "none" else qv, q_rows))
         result[name] = None
+        if distributed.is_dtensor(f):  # its shards draw by their global element indices
+            distributed.check_dare_state_entry(f, f"finetuned[{name!r}]", b, f"base[{name!r}]", rescale)
+            sharded.append((name, f, b, qn))
+            continue
+        plan.append((name, f, b, 1.0 if rescale == "none" else qv, q_rows))
     if plan:
         devices = {f.device for _, f, _, _, _ in plan}
         names = {d: _backend.resolve(backend, d, "dare_multi_") for d in devices}
@@ -120,4 +127,6 @@ def dare_state_dict(finetuned, base, p: float, *, q=None, rescale: str = "densit
                                                          as_i64(seed), [as_i64(tensor_key(n)) for n, *_ in items])
             for (name, *_), o in zip(items, outs):
                 result[name] = o
+    for name, f, b, qn in sharded:
+        result[name] = distributed.dare(f, b, p, qn, rescale, seed, tensor_key(name), None, 0, backend)
     return {name: result[name] for name in finetuned}

@@ -28,7 +28,7 @@ def is_dtensor(t) -> bool:
 
 # ------------------------------------------------------------------------------ checks and shards
 
-def _placements_ok(t, name: str) -> None:
+def check_placements(t, name: str) -> None:
     for p in t.placements:
         if not isinstance(p, (Shard, Replicate)):
             raise ValueError(f"{name} has placement {p}; only Shard and Replicate placements are supported")
@@ -52,7 +52,7 @@ def local_lists(named: list[tuple[str, list]]) -> list[list[torch.Tensor]]:
     for i, t in enumerate(first):
         if not is_dtensor(t):
             raise ValueError(f"{first_name}[{i}] must be a DTensor like {first_name}[0], got a plain Tensor")
-        _placements_ok(t, f"{first_name}[{i}]")
+        check_placements(t, f"{first_name}[{i}]")
     for name, tensors in named[1:]:
         for i, (a, b) in enumerate(zip(first, tensors)):
             check_pair(a, f"{first_name}[{i}]", b, f"{name}[{i}]")
@@ -70,7 +70,7 @@ def flat_offset(t, name: str) -> int:
     """Global row-major flat index of the local shard's first element. The shard must be one
     contiguous range of the flat tensor: sharded along dim 0 only (FSDP2's Shard(0), uneven
     shards included), or replicated."""
-    _placements_ok(t, name)
+    check_placements(t, name)
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (its flat index is the row-major one)")
     local_shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
@@ -84,9 +84,11 @@ def _shard_dims(t) -> tuple[int, ...]:
     return tuple(d for d, p in enumerate(t.placements) if isinstance(p, Shard))
 
 
-def reduction_split(params: list, name: str):
+def reduction_split(params: list, name: str, labels: list[str] | None = None):
     """(indices of sharded tensors, indices of replicated ones, process group of the sum): the
-    sharded partials are summed over the one mesh dimension that shards them."""
+    sharded partials are summed over the one mesh dimension that shards them. Errors name
+    `labels[i]` when given, else `name[i]`."""
+    label = (lambda i: labels[i]) if labels is not None else (lambda i: f"{name}[{i}]")
     mesh, dims = None, None
     sharded, replicated = [], []
     for i, p in enumerate(params):
@@ -97,11 +99,11 @@ def reduction_split(params: list, name: str):
         if mesh is None:
             mesh, dims = p.device_mesh, d
         elif p.device_mesh != mesh or d != dims:
-            raise ValueError(f"{name}[{i}] is sharded on {p.device_mesh} dims {d}, {name}[{sharded[0]}] on "
+            raise ValueError(f"{label(i)} is sharded on {p.device_mesh} dims {d}, {label(sharded[0])} on "
                              f"{mesh} dims {dims}; a sum needs one mesh and one sharded mesh dim per call")
         sharded.append(i)
     if dims is not None and len(dims) > 1:
-        raise ValueError(f"{name}[{sharded[0]}] is sharded over {len(dims)} mesh dims; sums support one")
+        raise ValueError(f"{label(sharded[0])} is sharded over {len(dims)} mesh dims; sums support one")
     return sharded, replicated, (mesh.get_group(dims[0]) if sharded else None)
 
 
@@ -218,6 +220,14 @@ def _dare_args(t, name: str, q, rescale: str, offset: int):
     return start, _rows_q(q, t, start)
 
 
+def check_dare_state_entry(f, f_name: str, b, b_name: str, rescale: str) -> None:
+    """An entry of `dare_state_dict` can take the DTensor path (ValueError naming it otherwise)."""
+    if rescale == "l1":
+        raise ValueError(f"rescale='l1' needs each tensor's global L1 norms; {f_name} is a DTensor")
+    check_pair(f, f_name, b, b_name)
+    flat_offset(f, f_name)
+
+
 def dare(finetuned, base, p, q, rescale, seed, key, out, offset, backend: str):
     from .dare import dare as plain
     start, q = _dare_args(finetuned, "finetuned", q, rescale, offset)
@@ -231,6 +241,65 @@ def dare(finetuned, base, p, q, rescale, seed, key, out, offset, backend: str):
 def dare_delta_(delta, p, q, rescale, seed, key, offset, backend: str):
     from .dare import dare_delta_ as plain
     start, q = _dare_args(delta, "delta", q, rescale, offset)
-    _placements_ok(delta, "delta")
+    check_placements(delta, "delta")
     plain(delta.to_local(), p, q=q, rescale=rescale, seed=seed, key=key, offset=start, backend=backend)
     return delta
+
+
+# ------------------------------------------------------------------------------ EWC on FSDP2 models
+
+def fsdp_params(model: torch.nn.Module, names: list[str]):
+    """(the parameters named `names`, every parameter) of an FSDP2-sharded model (`fully_shard`
+    applied in it), or None for any other model. Taken once and kept: between a forward and its
+    backward FSDP2 swaps unsharded parameters into the modules, while its sharded ones stay the
+    same objects for the model's life (optimizers hold them too)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return None
+    named = dict(model.named_parameters())
+    for n in names:
+        if not is_dtensor(named[n]):
+            raise ValueError(f"parameter {n!r} of the FSDP2 model is not a DTensor: create EWC while the model is "
+                             "sharded (not between a forward and its backward), every selected parameter under "
+                             "fully_shard")
+    return [named[n] for n in names], list(named.values())
+
+
+def fsdp_batch_grads(every_param: list, params: list, loss: torch.Tensor) -> list:
+    """`loss`'s gradients of `params` as FSDP2 makes them (backward, then its reduce-scatter: this
+    rank's shard of the gradient averaged over the ranks), leaving every `.grad` as it was."""
+    saved = [p.grad for p in every_param]
+    for p in every_param:
+        p.grad = None
+    try:
+        loss.backward()
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    finally:
+        for p, g in zip(every_param, saved):
+            p.grad = g
+
+
+def data_parallel_size(params: list) -> tuple[int, object]:
+    """(ranks sharing each batch, their process group) for parameters sharded on one 1-D mesh."""
+    mesh = params[0].device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"EWC's Fisher on a {mesh.ndim}-D device mesh (HSDP, tensor parallel) is not "
+                                  "supported; FSDP2 on a 1-D mesh is")
+    return mesh.size(), mesh.get_group()
+
+
+def check_equal_batch_sizes(sizes: list[int], params: list) -> None:
+    """ValueError on every rank unless each batch has one size on all ranks (one all-reduce):
+    only then is FSDP2's rank-averaged gradient the mean-loss gradient of the global batch."""
+    _, group = data_parallel_size(params)
+    local = torch.tensor(sizes + [-s for s in sizes], dtype=torch.int64, device=params[0].device_mesh.device_type)
+    torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX, group=group)
+    largest, smallest = local[:len(sizes)].tolist(), [-s for s in local[len(sizes):].tolist()]
+    odd = [b for b, (lo, hi) in enumerate(zip(smallest, largest)) if lo != hi]
+    if odd:
+        b = odd[0]
+        raise ValueError(f"batches: batch {b} has {smallest[b]} to {largest[b]} samples on different ranks; on an "
+                         "FSDP2 model every rank must pass batches of one size, batch by batch")

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as nnf
 
-from . import _validate
+from . import _validate, distributed
 from .penalty import fisher_accumulate_, l2_penalty, l2_penalty_grad_
 
 CONVENTIONS = {
@@ -96,6 +96,7 @@ class EWC:
         self.logits_fn = logits_fn or (lambda out: out)
         self.backend = backend
         self.names = self._select(params)
+        self._fsdp = distributed.fsdp_params(model, self.names)  # (selected, every) sharded params, or None
         self.terms: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # EWC (anchors, Fisher)
         self.l2sp: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # anchor_to_current()
 
@@ -119,6 +120,8 @@ class EWC:
         return names
 
     def parameters(self) -> list[torch.nn.Parameter]:
+        if self._fsdp is not None:
+            return list(self._fsdp[0])
         named = dict(self.model.named_parameters())
         return [named[n] for n in self.names]
 
@@ -170,6 +173,8 @@ class EWC:
             logits = self.logits_fn(self.model(x))
             target = self._target(logits, y)
             loss = nnf.cross_entropy(logits, target)
+            if self._fsdp is not None:
+                return [distributed.fsdp_batch_grads(self._fsdp[1], params, loss)], [1.0]
             return [list(torch.autograd.grad(loss, params))], [1.0]
         return self._per_sample_grads(x, y)
 
@@ -211,26 +216,41 @@ class EWC:
         """Diagonal Fisher at the current weights from `(inputs, targets)` batches; anchors here.
 
         Returns the new Fisher (one fp32 tensor per selected parameter), after the merge.
+
+        On an FSDP2-sharded model every rank passes its own part of each batch, all parts of one
+        size; the Fisher (sharded DTensors, like the anchors) is then the one of the batches made by
+        joining the ranks' parts in rank order. The gradients come from FSDP2's backward (its
+        `.grad`s are left as they were); the only collective added is one all-reduce of the batch
+        sizes, to check them. Per-sample gradients would need unsharded parameters:
+        `per_sample=True` raises NotImplementedError there.
         """
         params = self.parameters()
+        ranks = 1
+        if self._fsdp is not None:
+            if self.per_sample:
+                raise NotImplementedError("per_sample=True (labels='expected', the 'mammoth' convention) on an FSDP2 "
+                                          "model: per-sample gradients need the unsharded parameters; pass "
+                                          "per_sample=False")
+            ranks, _ = distributed.data_parallel_size(params)
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         was_training = self.model.training
         self.model.eval()
-        num_batches = num_samples = 0
+        num_batches = 0
         batch_weights = []
         try:
             for x, y in batches:
                 num_batches += 1
-                num_samples += x.shape[0]
                 grads, weights = self._grads(x, y)
-                scale_b = x.shape[0] if self.batch_norm == "weighted" else 1.0
+                scale_b = x.shape[0] * ranks if self.batch_norm == "weighted" else 1.0
                 for g, w in zip(grads, weights):
                     fisher_accumulate_(fisher, [t.detach() for t in g], scale=w * scale_b, backend=self.backend)
-                batch_weights.append(x.shape[0])
+                batch_weights.append(x.shape[0] * ranks)
         finally:
             self.model.train(was_training)
         if num_batches == 0:
             raise ValueError("batches is empty: the Fisher needs at least one batch")
+        if self._fsdp is not None:
+            distributed.check_equal_batch_sizes([w // ranks for w in batch_weights], params)
         with torch.no_grad():
             if self.batch_norm == "samples":  # mammoth: num_batches * batch_size
                 denom = num_batches * batch_weights[0]

@@ -1,4 +1,5 @@
-"""One rank of the multi-process tests: `python -m tests._dist_worker SCENARIO RANK WORLD PORT [ARG]`.
+"""One rank of the multi-process tests: `python -m tests._dist_worker SCENARIO RANK WORLD PORT [ARG]`
+(SCENARIO: a name in SCENARIOS, or `module:function` for the scenarios kept beside their tests).
 
 Every rank builds the same full tensors from one seed, computes the single-process result on
 them, then runs the op on DTensors (uneven Shard(0) and Replicate) and checks the gathered
@@ -6,6 +7,7 @@ result against it. A failed check raises, so the rank exits non-zero with its tr
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from unittest import mock
@@ -131,6 +133,38 @@ def check_dare(mesh, backend):
                 _equal(out, want, f"dare per-row q, in place {dtype} {shape}")
 
 
+def check_dare_state(mesh, backend):
+    """dare_state_dict on DTensor state dicts (plain, one-per-row and excluded entries among
+    them) and on FSDP2 modules: each DTensor of the unsharded result, bit for bit."""
+    from torch.distributed.fsdp import fully_shard
+    seed = (1 << 64) - 5
+    names = [f"layers.{i}.weight" for i in range(len(SHAPES))]
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        fin = {n: _full(s, dtype, i) for i, (n, s) in enumerate(zip(names, SHAPES))}
+        base = {n: _full(s, dtype, 20 + i) for i, (n, s) in enumerate(zip(names, SHAPES))}
+        fin["plain"], base["plain"] = _full((3, 4), dtype, 9), _full((3, 4), dtype, 19)
+        fin["count"], base["count"] = torch.arange(5), torch.arange(5)
+        q = {names[0]: _full((7,), torch.float64, 8).abs().add(0.5), names[1]: 0.3}
+        dts = [dict(zip(names, _dts(mesh, [d[n] for n in names])), plain=d["plain"], count=d["count"])
+               for d in (fin, base)]
+        for kwargs in (dict(q=q, exclude=r"\.2\."), dict(rescale="none")):
+            want = ntkcl_fast.dare_state_dict(fin, base, 0.4, seed=seed, backend=backend, **kwargs)
+            got = ntkcl_fast.dare_state_dict(*dts, 0.4, seed=seed, backend=backend, **kwargs)
+            assert list(got) == list(want), "keys or their order differ"
+            for n in names:
+                _equal(got[n], want[n], f"dare_state_dict {backend} {dtype} {kwargs} {n}")
+            assert torch.equal(got["plain"], want["plain"]) and got["count"] is dts[0]["count"]
+    ref_f, ref_b = _mlp(), _mlp()
+    with torch.no_grad():
+        for p in ref_f.parameters():
+            p.add_(1)
+    want = ntkcl_fast.dare_state_dict(ref_f, ref_b, 0.7, seed=3, buffers=True, backend=backend)
+    for m in (model_f := copy.deepcopy(ref_f), model_b := copy.deepcopy(ref_b)):
+        fully_shard(m, mesh=mesh)
+    got = ntkcl_fast.dare_state_dict(model_f, model_b, 0.7, seed=3, buffers=True, backend=backend)
+    _check_average(got, want, f"dare_state_dict of FSDP2 modules {backend}")
+
+
 def check_errors(mesh):
     a = distribute_tensor(torch.randn(6, 2), mesh, [Shard(0)])
     r = distribute_tensor(torch.randn(6, 2), mesh, [Replicate()])
@@ -143,10 +177,15 @@ def check_errors(mesh):
         (lambda: ntkcl_fast.dare(a, r, 0.5), ValueError, r"base"),
         (lambda: ntkcl_fast.dare(a, a.clone(), 0.5, offset=4), ValueError, "offset"),
         (lambda: ntkcl_fast.dare(a, a.clone(), 0.5, rescale="l1"), ValueError, "rescale"),
+        (lambda: ntkcl_fast.dare_state_dict({"w": a}, {"w": r}, 0.5), ValueError, r"base\['w'\]"),
+        (lambda: ntkcl_fast.dare_state_dict({"w": a}, {"w": a.clone()}, 0.5, rescale="l1"), ValueError,
+         r"rescale.*finetuned\['w'\]"),
     ]
     if mesh.size() > 1:
         s1 = distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)])
         cases.append((lambda: ntkcl_fast.dare_delta_(s1, 0.5), ValueError, "delta"))
+        cases.append((lambda: ntkcl_fast.dare_state_dict({"w": s1}, {"w": s1.clone()}, 0.5), ValueError,
+                      r"finetuned\['w'\] is sharded along a dim other than 0"))
     for call, err, match in cases:
         try:
             call()
@@ -164,6 +203,7 @@ def scenario_ops(rank, world):
         check_elementwise(mesh, backend)
         check_penalty(mesh, backend)
         check_dare(mesh, backend)
+        check_dare_state(mesh, backend)
     check_errors(mesh)
 
 
@@ -258,13 +298,22 @@ def scenario_dcp_load(rank, world, ckpt_dir):
 SCENARIOS = {"ops": scenario_ops, "model_ema": scenario_model_ema, "dcp_load": scenario_dcp_load}
 
 
+def _scenario(name: str):
+    """A scenario of this file by name, or `module:function` for one kept beside its test."""
+    if ":" not in name:
+        return SCENARIOS[name]
+    import importlib
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def main():
     scenario, rank, world, port, *rest = sys.argv[1:]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=rank, WORLD_SIZE=world,
                       LOCAL_RANK=rank)
     dist.init_process_group("gloo", rank=int(rank), world_size=int(world))
     try:
-        SCENARIOS[scenario](int(rank), int(world), *rest)
+        _scenario(scenario)(int(rank), int(world), *rest)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -12,13 +12,15 @@ A step is at most two fused multi-tensor passes per device and group (ops in `_o
 V's numerator, only when a group needs V, then the update, which reads V and the step counts
 from device memory. Step counts are 0-d fp32 tensors on each parameter's device (torch.optim's
 fused / capturable format), so `torch.compile(opt.step)` builds one graph for every step.
+DTensor parameters (FSDP2) step their local shards, V summed globally with one all-reduce per
+step (`_dtensor`).
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _backend, _validate
-from . import _ops
+from . import _dtensor, _ops
 
 PULL_SCALES = ("stable", "lr")
 
@@ -79,8 +81,8 @@ class AdamR(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
-            if key not in state:
-                state[key] = torch.zeros(p.shape, dtype=dt, device=p.device)
+            if key not in state:  # a DTensor param gets DTensor moments with its placements
+                state[key] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)
         if anchor and "anchor" not in state:
             state["anchor"] = p.detach().clone()
 
@@ -121,26 +123,40 @@ class AdamR(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans, stateless = self._plan()  # every check of every group runs before the first write
+        plans, labels, stateless = self._plan()  # every check of every group runs before the first write
         for p, group in stateless:  # a parameter put into a group after it joined, or amsgrad switched on
             self._init_state(p, group)
-        v_mean = self._v_mean(plans) if any(_needs_v(group) for group, _, _ in plans) else None
-        for group, params, name in plans:
-            state = [self.state[p] for p in params]
-            _ops.step_(name, params, [p.grad for p in params], [s["exp_avg"] for s in state],
-                       [s["exp_avg_sq"] for s in state], [s["max_exp_avg_sq"] for s in state] if group["amsgrad"]
-                       else [], [s["anchor"] for s in state], [s["step"] for s in state],
-                       v_mean.to(params[0].device) if _needs_v(group) else None, lr=group["lr"],
+        sharded = _dtensor.check_kinds([p for _, ps, _ in plans for p in ps], labels)
+        calls, start = [], 0
+        for group, params, _ in plans:
+            lists = self._step_lists(group, params)
+            if sharded:  # local shards: the update is elementwise
+                lists = _dtensor.local_lists(lists, labels[start:start + len(params)])
+            calls.append(lists)
+            start += len(params)
+        v_mean = None
+        if any(_needs_v(group) for group, _, _ in plans):
+            v_mean = _dtensor.v_mean(plans, calls, labels) if sharded else self._v_mean(plans, calls)
+        for (group, params, name), lists in zip(plans, calls):
+            _ops.step_(name, *lists, v_mean.to(params[0].device) if _needs_v(group) else None, lr=group["lr"],
                        beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                        weight_decay=group["weight_decay"], pull=group["pull"], l1=group["pull_norm"] == "l1")
         return loss
 
+    def _step_lists(self, group: dict, params: list) -> tuple:
+        """The tensor lists of one fused call, in `_ops.step_`'s order."""
+        state = [self.state[p] for p in params]
+        return (params, [p.grad for p in params], [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state],
+                [s["max_exp_avg_sq"] for s in state] if group["amsgrad"] else [], [s["anchor"] for s in state],
+                [s["step"] for s in state])
+
     def _plan(self):
-        """[(group, params with a gradient on one device, backend)] per fused call, and the
-        [(param, group)] whose state is incomplete; raises before anything is written."""
-        plans, stateless = [], []
+        """[(group, params with a gradient on one device, backend)] per fused call, a label per
+        planned param (in plan order), and the [(param, group)] whose state is incomplete; raises
+        before anything is written."""
+        plans, labels, stateless = [], [], []
         for g_index, group in enumerate(self.param_groups):
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
             for i, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
@@ -150,22 +166,20 @@ class AdamR(torch.optim.Optimizer):
                 if grad.dtype != p.dtype:  # torch itself lets one through only when p.grad_dtype is None
                     raise ValueError(f"param_groups[{g_index}].params[{i}]: grad must have the param's dtype "
                                      f"{p.dtype}, got {grad.dtype}")
-                by_device.setdefault(p.device, []).append(p)
+                by_device.setdefault(p.device, []).append((i, p))
                 state = self.state.get(p)
                 if state is None or "step" not in state or group["amsgrad"] and "max_exp_avg_sq" not in state:
                     stateless.append((p, group))
-            plans += [(group, ps, _backend.resolve(self.backend, device, "adamr_step_"))
-                      for device, ps in by_device.items()]
-        return plans, stateless
+            for device, items in by_device.items():
+                plans.append((group, [p for _, p in items], _backend.resolve(self.backend, device, "adamr_step_")))
+                labels += [f"param_groups[{g_index}].params[{i}]" for i, _ in items]
+        return plans, labels, stateless
 
-    def _v_mean(self, plans) -> torch.Tensor:
+    def _v_mean(self, plans, calls) -> torch.Tensor:
         """DAREx's V: one sum per fused call (a device tensor), added and divided by the element count."""
         sums, count = [], 0
-        for group, params, name in plans:
-            state = [self.state[p] for p in params]
-            sums.append(_ops.v_hat_sum(name, [p.grad for p in params], [s["exp_avg_sq"] for s in state],
-                                       [s["max_exp_avg_sq"] for s in state] if group["amsgrad"] else [],
-                                       [s["step"] for s in state], beta2=group["betas"][1]))
+        for (group, params, name), (_, grads, _, exp_avg_sq, max_exp_avg_sq, _, steps) in zip(plans, calls):
+            sums.append(_ops.v_hat_sum(name, grads, exp_avg_sq, max_exp_avg_sq, steps, beta2=group["betas"][1]))
             count += sum(p.numel() for p in params)
         device = plans[0][1][0].device
         total = sums[0]
