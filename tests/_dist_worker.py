@@ -308,10 +308,9 @@ def _scenario(name: str):
 
 
 def main():
-    scenario, rank, world, port, *rest = sys.argv[1:]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=rank, WORLD_SIZE=world,
-                      LOCAL_RANK=rank)
-    dist.init_process_group("gloo", rank=int(rank), world_size=int(world))
+    scenario, rank, world, rendezvous, *rest = sys.argv[1:]
+    os.environ.update(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=int(rank), world_size=int(world))
     try:
         _scenario(scenario)(int(rank), int(world), *rest)
         dist.barrier()

@@ -3,8 +3,8 @@ a rank that fails fails the test with its output, and a hang fails after TIMEOUT
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -19,16 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 90.0  # seconds per launch; a healthy world of 3 takes well under half of it on 2 cores
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenario: str, world: int, *args: str) -> None:
-    port = str(_free_port())
+    # the ranks meet in a file, not on a port: a free port found here can be taken by another
+    # process before rank 0 binds it (seen with several test runs on one machine)
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="ntkcl-dist-"), "store")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._dist_worker", scenario, str(r), str(world), port, *args],
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._dist_worker", scenario, str(r), str(world), rendezvous,
+                               *args],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     deadline = time.monotonic() + TIMEOUT
