@@ -1,80 +1,167 @@
-"""merge_checkpoints on synthetic Llama-shaped bf16 checkpoints: wall time, peak RSS, input GB/s.
+"""`ntkcl-merge` against `mergekit-yaml` on synthetic Llama-shaped bf16 checkpoints, side by side.
 
-    python -m bench.bench_merge [--hidden 1024] [--layers 8] [--models 2] [--methods linear,ties,dare_ties]
+    python -m bench.bench_merge [--hidden 1024] [--layers 8] [--models 2,4] [--methods linear,ties,dare_ties]
+                                [--reps 1] [--out bench/results/cpu-merge]
 
-Each merge runs in its own process so its peak RSS (ru_maxrss) is its own. The read bandwidth
-row is one cold-ish pass of plain reads over the same input files in the same run. mergekit is
-not compared here (it is not installed beside this torch).
+Both tools get the same YAML and run as their own CLI in a fresh process, so wall time includes
+each one's startup (measured separately with `--help`), and peak RSS is the largest sum of RSS
+over the process and its children, sampled every 10 ms. Files are
+written once, so every run reads them from the page cache; the read bandwidth row is the best of
+two plain sequential passes over the same input files in the same run. mergekit is the release
+the Makefile pins (its `mergekit-yaml` beside this interpreter).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-CHILD = """
-import json, resource, sys, time
-from ntkcl_fast.merge import merge_checkpoints
-t = time.perf_counter()
-merge_checkpoints(json.loads(sys.argv[1]), sys.argv[2], progress=False, shard_size="2GB")
-print(json.dumps({"s": time.perf_counter() - t, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
+TOOLS = {"ntkcl": [sys.executable, "-m", "ntkcl_fast", "merge"], "mergekit": [str(Path(sys.executable).parent / "mergekit-yaml")]}
+TOOL_ARGS = {"ntkcl": ["--no-progress"], "mergekit": []}
 
 
 def write_models(root: Path, hidden: int, layers: int, n: int) -> list[Path]:
     sys.path.insert(0, str(ROOT))
-    from tests._tiny_checkpoints import llama_tensors, write_checkpoint
-    base = llama_tensors(0, layers=layers, hidden=hidden, vocab=4 * hidden)
-    dirs = [write_checkpoint(root / "base", base, layers=layers, hidden=hidden, vocab=4 * hidden)]
+    from tests._tiny_checkpoints import llama_tensors, write_hf_checkpoint
+    shape = dict(layers=layers, hidden=hidden, vocab=4 * hidden)
+    base = llama_tensors(0, **shape)
+    dirs = [write_hf_checkpoint(root / "base", base, **shape)]
     for i in range(n):
-        tuned = llama_tensors(i + 1, layers=layers, hidden=hidden, vocab=4 * hidden, base=base)
-        dirs.append(write_checkpoint(root / f"m{i}", tuned, shards=2, layers=layers, hidden=hidden, vocab=4 * hidden))
+        tuned = llama_tensors(i + 1, base=base, **shape)
+        dirs.append(write_hf_checkpoint(root / f"m{i}", tuned, shards=2, **shape))
     return dirs
 
 
 def read_bandwidth(files: list[Path]) -> float:
-    t, total = time.perf_counter(), 0
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while chunk := fh.read(1 << 24):
-                total += len(chunk)
-    return total / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(2):
+        t, total = time.perf_counter(), 0
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while chunk := fh.read(1 << 24):
+                    total += len(chunk)
+        best = max(best, total / (time.perf_counter() - t))
+    return best
+
+
+def measure(cmd: list[str]) -> dict:
+    """Wall seconds, peak RSS and peak anonymous RSS (bytes) of `cmd` with its children."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    top, peak, anon = psutil.Process(proc.pid), 0, 0
+    while proc.poll() is None:
+        try:
+            infos = [p.memory_info() for p in [top, *top.children(recursive=True)]]
+            peak = max(peak, sum(i.rss for i in infos))
+            anon = max(anon, sum(i.rss - i.shared for i in infos))  # without file-backed pages (the memory maps)
+        except psutil.Error:  # a process ended between listing and reading
+            pass
+        time.sleep(0.01)
+    wall = time.perf_counter() - t
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[0]} exited {proc.returncode}:\n{err[-3000:]}")
+    return {"s": wall, "rss": peak, "anon": anon}
+
+
+def config(method: str, base: Path, models: list[Path]) -> dict:
+    params = {"weight": round(1 / len(models), 4)}
+    if method in ("ties", "dare_ties", "dare_linear"):
+        params["density"] = 0.5
+    cfg = {"merge_method": method, "models": [{"model": str(m), "parameters": params} for m in models]}
+    if method != "linear":
+        cfg["base_model"] = str(base)
+    return cfg
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--models", type=int, default=2)
+    ap.add_argument("--models", default="2,4")
     ap.add_argument("--methods", default="linear,ties,dare_ties")
+    ap.add_argument("--reps", type=int, default=1, help="runs per tool and row (min is kept)")
+    ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
-        base, *models = write_models(Path(tmp), args.hidden, args.layers, args.models)
-        files = [f for d in (base, *models) for f in d.glob("*.safetensors")]
-        in_bytes = sum(f.stat().st_size for f in files)
-        bw = read_bandwidth(files)
-        print(f"inputs {in_bytes / 1e9:.2f} GB in {len(files)} files, plain read {bw / 1e9:.2f} GB/s, "
-              f"torch threads {torch.get_num_threads()}")
-        for method in args.methods.split(","):
-            cfg = {"merge_method": method, "base_model": str(base),
-                   "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}
-                               if method != "linear" and method != "task_arithmetic" else {"weight": 0.5}}
-                              for m in models]}
-            if method == "linear":
-                del cfg["base_model"]
-            run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(Path(tmp) / f"out-{method}")],
-                                 cwd=ROOT, capture_output=True, text=True, check=True)
-            r = json.loads(run.stdout.strip().splitlines()[-1])
-            read = in_bytes if method != "linear" else in_bytes - sum(f.stat().st_size for f in base.glob("*"))
-            print(f"{method:<10} N={args.models} {r['s']:.2f} s  peak RSS {r['rss'] / 1e6:.0f} MB  "
-                  f"input {read / r['s'] / 1e9:.2f} GB/s ({100 * read / r['s'] / bw:.0f}% of plain read)")
+    counts = [int(n) for n in args.models.split(",")]
+    if not Path(TOOLS["mergekit"][0]).is_file():
+        sys.exit(f"{TOOLS['mergekit'][0]} not found: install mergekit==0.1.5 (the Makefile's TEST_DEPS)")
+    rows, startup = [], {}
+    for tool, cmd in TOOLS.items():
+        startup[tool] = min(measure(cmd + ["--help"])["s"] for _ in range(2))
+    with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-merge-") as tmp:
+        tmp = Path(tmp)
+        base, *models = write_models(tmp, args.hidden, args.layers, max(counts))
+        size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))
+        for n in counts:
+            used = models[:n]
+            files = [f for d in (base, *used) for f in d.glob("*.safetensors")]
+            bw = read_bandwidth(files)
+            print(f"N={n}: {size(base) / 1e9:.2f} GB per model, plain read {bw / 1e9:.2f} GB/s", flush=True)
+            for method in args.methods.split(","):
+                cfg_path = tmp / f"{method}-{n}.yml"
+                cfg_path.write_text(yaml.safe_dump(config(method, base, used)))
+                read = sum(map(size, used)) + (size(base) if method != "linear" else 0)
+                row = {"method": method, "models": n, "input_bytes": read, "read_bw": bw}
+                for _ in range(args.reps):
+                    for tool, cmd in TOOLS.items():  # alternating, so drift hits both
+                        out = tmp / f"out-{tool}"
+                        r = measure(cmd + [str(cfg_path), str(out)] + TOOL_ARGS[tool])
+                        shutil.rmtree(out)
+                        if tool not in row or r["s"] < row[tool]["s"]:  # the fastest run, with its RSS
+                            row[tool] = r
+                rows.append(row)
+                print(line(row), flush=True)
+    meta = {"hidden": args.hidden, "layers": args.layers, "vocab": 4 * args.hidden, "dtype": "bfloat16",
+            "model_bytes": rows[0]["input_bytes"] // rows[0]["models"] if rows else 0, "reps": args.reps,
+            "startup_s": startup, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cpus": psutil.cpu_count(), "machine": platform.machine(),
+            "mergekit": _version("mergekit"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        Path(args.out + ".md").write_text(markdown(meta, rows))
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+    return version(name)
+
+
+def line(row: dict) -> str:
+    a, b = row["ntkcl"], row["mergekit"]
+    gbs = row["input_bytes"] / a["s"] / 1e9
+    return (f"{row['method']:<10} N={row['models']}  ntkcl {a['s']:6.1f} s {a['rss'] / 1e6:6.0f} MB  "
+            f"mergekit {b['s']:6.1f} s {b['rss'] / 1e6:6.0f} MB  speedup {b['s'] / a['s']:.2f}x  "
+            f"RSS {a['rss'] / b['rss']:.2f}x  ntkcl input {gbs:.2f} GB/s ({100 * gbs * 1e9 / row['read_bw']:.0f}% of read)")
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    out = [f"# Checkpoint merge, ntkcl-merge vs mergekit-yaml {meta['mergekit']} ({meta['date']})", "",
+           f"Llama-shaped bf16 checkpoints, hidden {meta['hidden']}, {meta['layers']} layers, vocab {meta['vocab']}: "
+           f"{meta['model_bytes'] / 1e9:.2f} GB per model; torch {meta['torch']}, {meta['torch_threads']} threads, "
+           f"{meta['cpus']} CPUs. Each merge is its own CLI process (wall time includes startup: "
+           f"`--help` takes {meta['startup_s']['ntkcl']:.1f} s for ntkcl-merge, {meta['startup_s']['mergekit']:.1f} s "
+           f"for mergekit-yaml); peak RSS of the process tree; inputs in the page cache; min of {meta['reps']}.", "",
+           "| method | N | input GB | ntkcl s | mergekit s | speedup | ntkcl RSS MB | mergekit RSS MB | RSS ratio "
+           "| read GB/s | ntkcl input GB/s (% of read) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, b = r["ntkcl"], r["mergekit"]
+        gbs = r["input_bytes"] / a["s"]
+        out.append(f"| {r['method']} | {r['models']} | {r['input_bytes'] / 1e9:.2f} | {a['s']:.1f} | {b['s']:.1f} | "
+                   f"{b['s'] / a['s']:.2f}x | {a['rss'] / 1e6:.0f} | {b['rss'] / 1e6:.0f} | {a['rss'] / b['rss']:.2f} | "
+                   f"{r['read_bw'] / 1e9:.2f} | {gbs / 1e9:.2f} ({100 * gbs / r['read_bw']:.0f}%) |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

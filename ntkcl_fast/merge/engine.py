@@ -131,6 +131,9 @@ def _run(jobs: list[Job], shards, directory: Path, cfg: MergeConfig, seed: int, 
             for job in jobs:
                 base = reader.read(job.base, pin=pin) if job.base is not None else None
                 models = [] if job.params is None else [reader.read(e, pin=pin) for e in job.models]
+                # unmapping drops the pages just copied from our RSS (the page cache keeps them), which
+                # otherwise grows to the size of every input; the next read maps the files again
+                reader.close()
                 if not _put(loaded, (job, base, models), stop):
                     return
             _put(loaded, _DONE, stop)
