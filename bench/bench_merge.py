@@ -3,14 +3,13 @@
     python -m bench.bench_merge [--hidden 1024] [--layers 8] [--models 2,4] [--methods linear,ties,dare_ties]
                                 [--reps 2] [--out bench/results/cpu-merge]
 
-Both tools get the same YAML and run as their own CLI in a fresh process, so wall time includes
-each one's startup, measured separately as the fastest of six `--help` runs (three before the
-merges, three after); the "after startup" columns subtract it, so they overstate the merge time
-a little. Peak RSS is the largest sum of RSS over the process and its children, sampled every
-25 ms; anonymous RSS leaves out file-backed pages (the memory maps of inputs and libraries).
-Files are written once, so every run reads them from the page cache; the read bandwidth is the
-best of two plain sequential passes over the same input files in the same run. mergekit is the
-release the Makefile pins (its `mergekit-yaml` beside this interpreter).
+Both tools get the same YAML; each merge runs in a fresh process that imports the tool's CLI
+entry point and then calls it, so there are two times: the whole process (startup included) and
+the merge alone (after the imports). Peak RSS is the largest sum of RSS over the process and its
+children, sampled every 25 ms; anonymous RSS leaves out file-backed pages (the memory maps of
+inputs and libraries). Files are written once, so every run reads them from the page cache; the
+read bandwidth is the best of two plain sequential passes over the same input files in the same
+run. mergekit is the release the Makefile pins.
 """
 from __future__ import annotations
 
@@ -18,11 +17,13 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import psutil
@@ -30,8 +31,26 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = {"ntkcl": [sys.executable, "-m", "ntkcl_fast", "merge"], "mergekit": [str(Path(sys.executable).parent / "mergekit-yaml")]}
-TOOL_ARGS = {"ntkcl": ["--no-progress"], "mergekit": []}
+# Each tool's CLI entry point, imported before the clock starts, so "merge" is the merge alone
+# (what the CLI imports lazily during the merge still counts); the parent times the whole process.
+CHILD = """
+import sys, time
+{imports}
+t = time.perf_counter()
+try:
+    {call}
+    code = 0
+except SystemExit as e:
+    code = e.code
+print(f"merge_s={{time.perf_counter() - t}}", file=sys.stderr)
+sys.exit(code)
+"""
+TOOLS = {
+    "ntkcl": CHILD.format(imports="from ntkcl_fast.merge import cli, engine",
+                          call='cli.main([*sys.argv[1:], "--no-progress"])'),
+    "mergekit": CHILD.format(imports="from mergekit.scripts.run_yaml import main",
+                             call="main(sys.argv[1:], standalone_mode=False)"),
+}
 
 
 def write_models(root: Path, hidden: int, layers: int, n: int) -> list[Path]:
@@ -58,31 +77,27 @@ def read_bandwidth(files: list[Path]) -> float:
     return best
 
 
-def measure(cmd: list[str]) -> dict:
-    """Wall seconds, peak RSS and peak anonymous RSS (bytes) of `cmd` with its children."""
+def measure(tool: str, args: list[str]) -> dict:
+    """Wall seconds of the process, seconds of the merge in it, peak RSS and peak anonymous RSS
+    (bytes) of the process with its children."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", TOOLS[tool], *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     top, peak, anon = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
         try:
             infos = [p.memory_info() for p in [top, *top.children(recursive=True)]]
             peak = max(peak, sum(i.rss for i in infos))
-            anon = max(anon, sum(i.rss - i.shared for i in infos))  # without file-backed pages (the memory maps)
+            anon = max(anon, sum(i.rss - i.shared for i in infos))
         except psutil.Error:  # a process ended between listing and reading
             pass
         time.sleep(0.025)
     wall = time.perf_counter() - t
-    out, err = proc.communicate()
+    _, err = proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"{cmd[0]} exited {proc.returncode}:\n{err[-3000:]}")
-    return {"s": wall, "rss": peak, "anon": anon}
-
-
-def measure_startup(times: dict) -> None:
-    """`--help` of each tool, three times: import and argument parsing, no merge."""
-    for _ in range(3):
-        for tool, cmd in TOOLS.items():
-            times[tool].append(measure(cmd + ["--help"])["s"])
+        raise RuntimeError(f"{tool} exited {proc.returncode}:\n{err[-3000:]}")
+    merge = float(re.findall(r"merge_s=([0-9.e+-]+)", err)[-1])
+    return {"s": wall, "merge_s": merge, "rss": peak, "anon": anon}
 
 
 def config(method: str, base: Path, models: list[Path]) -> dict:
@@ -104,24 +119,24 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="runs per tool and row (the fastest is kept)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md (after every row)")
     args = ap.parse_args()
+    try:
+        mergekit_version = version("mergekit")
+    except ImportError:
+        sys.exit("mergekit is not installed here: pip install mergekit==0.1.5 (the Makefile's TEST_DEPS)")
     counts = [int(n) for n in args.models.split(",")]
-    if not Path(TOOLS["mergekit"][0]).is_file():
-        sys.exit(f"{TOOLS['mergekit'][0]} not found: install mergekit==0.1.5 (the Makefile's TEST_DEPS)")
-    rows, startup = [], {tool: [] for tool in TOOLS}
+    rows = []
     meta = {"hidden": args.hidden, "layers": args.layers, "vocab": 4 * args.hidden, "dtype": "bfloat16",
             "reps": args.reps, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpus": psutil.cpu_count(), "machine": platform.machine(), "mergekit": _version("mergekit"),
+            "cpus": psutil.cpu_count(), "machine": platform.machine(), "mergekit": mergekit_version,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_start": os.getloadavg()}
 
     def save() -> None:
-        meta["startup_s"] = {tool: min(times) for tool, times in startup.items()}
         meta["loadavg_end"] = os.getloadavg()
         if args.out:
-            table = [{**r, **derived(r, meta["startup_s"])} for r in rows]
+            table = [{**r, **derived(r)} for r in rows]
             Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1) + "\n")
             Path(args.out + ".md").write_text(markdown(meta, rows))
 
-    measure_startup(startup)
     with tempfile.TemporaryDirectory(dir=ROOT, prefix=".bench-merge-") as tmp:
         tmp = Path(tmp)
         base, *models = write_models(tmp, args.hidden, args.layers, max(counts))
@@ -138,61 +153,53 @@ def main() -> None:
                 read = sum(map(size, used)) + (size(base) if method != "linear" else 0)
                 row = {"method": method, "models": n, "input_bytes": read, "read_bw": bw}
                 for _ in range(args.reps):
-                    for tool, cmd in TOOLS.items():  # alternating, so drift hits both
+                    for tool in TOOLS:  # alternating, so drift hits both
                         out = tmp / f"out-{tool}"
-                        r = measure(cmd + [str(cfg_path), str(out)] + TOOL_ARGS[tool])
+                        r = measure(tool, [str(cfg_path), str(out)])
                         shutil.rmtree(out)
-                        if tool not in row or r["s"] < row[tool]["s"]:  # the fastest run, with its RSS
+                        if tool not in row or r["merge_s"] < row[tool]["merge_s"]:  # the fastest run, with its RSS
                             row[tool] = r
                 rows.append(row)
                 save()
-                print(line(row, meta["startup_s"]), flush=True)
-    measure_startup(startup)  # again at the end: the minimum of both is the least loaded
-    save()
+                print(line(row), flush=True)
 
 
-def _version(name: str) -> str:
-    from importlib.metadata import version
-    return version(name)
-
-
-def derived(row: dict, startup: dict) -> dict:
-    """Ratios and throughputs of one row; "net" is wall time less the tool's startup."""
+def derived(row: dict) -> dict:
+    """Ratios and input throughputs of one row (whole process, and the merge alone)."""
     a, b = row["ntkcl"], row["mergekit"]
-    net_a, net_b = a["s"] - startup["ntkcl"], b["s"] - startup["mergekit"]
-    return {"speedup": b["s"] / a["s"], "rss_ratio": a["rss"] / b["rss"], "net_speedup": net_b / net_a,
-            "gbs": row["input_bytes"] / a["s"] / 1e9, "net_gbs": row["input_bytes"] / net_a / 1e9,
-            "read_gbs": row["read_bw"] / 1e9}
+    return {"speedup": b["s"] / a["s"], "merge_speedup": b["merge_s"] / a["merge_s"], "rss_ratio": a["rss"] / b["rss"],
+            "gbs": row["input_bytes"] / a["s"] / 1e9, "merge_gbs": row["input_bytes"] / a["merge_s"] / 1e9,
+            "mergekit_merge_gbs": row["input_bytes"] / b["merge_s"] / 1e9, "read_gbs": row["read_bw"] / 1e9}
 
 
-def line(row: dict, startup: dict) -> str:
-    a, b, d = row["ntkcl"], row["mergekit"], derived(row, startup)
-    return (f"{row['method']:<10} N={row['models']}  ntkcl {a['s']:6.1f} s {a['rss'] / 1e6:6.0f} MB  "
-            f"mergekit {b['s']:6.1f} s {b['rss'] / 1e6:6.0f} MB  speedup {d['speedup']:.2f}x "
-            f"(after startup {d['net_speedup']:.2f}x)  RSS {d['rss_ratio']:.2f}x  ntkcl input {d['gbs']:.2f} GB/s, "
-            f"after startup {d['net_gbs']:.2f} ({100 * d['net_gbs'] / d['read_gbs']:.0f}% of read)")
+def line(row: dict) -> str:
+    a, b, d = row["ntkcl"], row["mergekit"], derived(row)
+    return (f"{row['method']:<10} N={row['models']}  ntkcl {a['s']:5.1f} s (merge {a['merge_s']:5.1f}) "
+            f"{a['rss'] / 1e6:5.0f} MB  mergekit {b['s']:5.1f} s (merge {b['merge_s']:5.1f}) {b['rss'] / 1e6:5.0f} MB  "
+            f"speedup {d['speedup']:.2f}x (merge {d['merge_speedup']:.2f}x)  RSS {d['rss_ratio']:.2f}x  "
+            f"ntkcl merge {d['merge_gbs']:.2f} GB/s ({100 * d['merge_gbs'] / d['read_gbs']:.0f}% of read)")
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    startup = meta["startup_s"]
+    load = lambda key: "/".join(f"{x:.1f}" for x in meta[key])
     out = [f"# Checkpoint merge, ntkcl-merge vs mergekit-yaml {meta['mergekit']} ({meta['date']})", "",
            f"Llama-shaped bf16 checkpoints, hidden {meta['hidden']}, {meta['layers']} layers, vocab {meta['vocab']}: "
            f"{meta['model_bytes'] / 1e9:.2f} GB per model; torch {meta['torch']}, {meta['torch_threads']} threads, "
-           f"{meta['cpus']} CPUs. Each merge is its own CLI process; wall time includes startup (`--help` takes "
-           f"{startup['ntkcl']:.1f} s for ntkcl-merge, {startup['mergekit']:.1f} s for mergekit-yaml; \"after "
-           f"startup\" subtracts it); peak RSS of the process tree, anonymous part in brackets; inputs in the page "
-           f"cache; fastest of {meta['reps']} alternating runs. Load average (1/5/15 min) "
-           f"{'/'.join(f'{x:.1f}' for x in meta['loadavg_start'])} at the start, "
-           f"{'/'.join(f'{x:.1f}' for x in meta['loadavg_end'])} at the end, on {meta['cpus']} CPUs.", "",
-           "| method | N | input GB | ntkcl s | mergekit s | speedup (after startup) | ntkcl RSS MB | mergekit RSS MB "
-           "| RSS ratio | read GB/s | ntkcl input GB/s, after startup (% of read) |",
+           f"{meta['cpus']} CPUs, load average (1/5/15 min) {load('loadavg_start')} at the start and "
+           f"{load('loadavg_end')} at the end. Each merge is its own process running the tool's CLI entry point: "
+           f"\"process\" is its wall time, \"merge\" the time after its imports. Peak RSS of the process tree "
+           f"(anonymous part in brackets). Inputs in the page cache; read GB/s: plain sequential reads of the same "
+           f"files. Fastest merge of {meta['reps']} alternating runs.", "",
+           "| method | N | input GB | ntkcl process / merge s | mergekit process / merge s | speedup process / merge "
+           "| ntkcl RSS MB | mergekit RSS MB | RSS ratio | read GB/s | merge input GB/s: ntkcl (% of read) / mergekit |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        a, b, d = r["ntkcl"], r["mergekit"], derived(r, startup)
-        out.append(f"| {r['method']} | {r['models']} | {r['input_bytes'] / 1e9:.2f} | {a['s']:.1f} | {b['s']:.1f} | "
-                   f"{d['speedup']:.2f}x ({d['net_speedup']:.2f}x) | {a['rss'] / 1e6:.0f} ({a['anon'] / 1e6:.0f}) | "
-                   f"{b['rss'] / 1e6:.0f} ({b['anon'] / 1e6:.0f}) | {d['rss_ratio']:.2f} | {d['read_gbs']:.2f} | "
-                   f"{d['gbs']:.2f}, {d['net_gbs']:.2f} ({100 * d['net_gbs'] / d['read_gbs']:.0f}%) |")
+        a, b, d = r["ntkcl"], r["mergekit"], derived(r)
+        out.append(f"| {r['method']} | {r['models']} | {r['input_bytes'] / 1e9:.2f} | {a['s']:.1f} / {a['merge_s']:.1f} | "
+                   f"{b['s']:.1f} / {b['merge_s']:.1f} | {d['speedup']:.2f}x / {d['merge_speedup']:.2f}x | "
+                   f"{a['rss'] / 1e6:.0f} ({a['anon'] / 1e6:.0f}) | {b['rss'] / 1e6:.0f} ({b['anon'] / 1e6:.0f}) | "
+                   f"{d['rss_ratio']:.2f} | {d['read_gbs']:.2f} | {d['merge_gbs']:.2f} "
+                   f"({100 * d['merge_gbs'] / d['read_gbs']:.0f}%) / {d['mergekit_merge_gbs']:.2f} |")
     return "\n".join(out) + "\n"
 
 
