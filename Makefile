@@ -8,8 +8,10 @@ PY := $(VENV)/bin/python
 # CPU build; on a GPU machine pick the build matching your driver, e.g. TORCH_SPEC="torch==2.11.0".
 TORCH_SPEC ?= torch==2.13.0
 DEPS := numpy ninja pybind11 setuptools wheel "triton>=3.0" pytest pytest-benchmark hypothesis expecttest matplotlib tqdm safetensors pyyaml scikit-learn
-# peft for the parity tests of the PEFT-style merge helpers (it brings transformers, pure Python)
-TEST_DEPS := peft
+# peft for the parity tests of the PEFT-style merge helpers (it brings transformers, pure Python);
+# mergekit for tests/test_mergekit_real.py and bench/bench_merge.py (pinned: the tests compare with
+# this release's math; it keeps torch==2.13.0 and adds datasets/pandas/pyarrow, ~11 s of install)
+TEST_DEPS := peft mergekit==0.1.5
 # timm for the ModelEMA parity tests, without its dependencies: they include torchvision, whose pin
 # would replace the torch above (the tests load timm/utils/model_ema.py, which needs torch only)
 TEST_DEPS_NO_DEPS := timm==1.0.31

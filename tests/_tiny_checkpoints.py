@@ -56,3 +56,23 @@ def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], *, shard
         save_file({n: tensors[n] for n in names if weight_map[n] == f}, str(directory / f), metadata={"format": "pt"})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
+
+
+def hf_llama_config(layers: int, hidden: int, vocab: int, dtype: str) -> dict:
+    """llama_config plus what transformers' LlamaConfig validates (mergekit loads it with
+    AutoConfig): head counts that fit llama_tensors' shapes (k/v are hidden // 2 rows, so 4
+    query heads and 2 key/value heads of hidden // 4) and the odd intermediate size."""
+    if hidden % 4:
+        raise ValueError(f"hidden must be a multiple of 4, got {hidden}")
+    return {**llama_config(layers, hidden, vocab, dtype), "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": hidden // 4, "intermediate_size": hidden * 2 + 3, "tie_word_embeddings": False}
+
+
+def write_hf_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], *, layers: int = 3, hidden: int = 24,
+                        vocab: int = 37, **kwargs) -> Path:
+    """write_checkpoint with hf_llama_config's config.json, for tools that build the model's
+    config with transformers (mergekit)."""
+    write_checkpoint(directory, tensors, layers=layers, hidden=hidden, vocab=vocab, **kwargs)
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(hf_llama_config(layers, hidden, vocab, dtype)))
+    return directory

@@ -6,9 +6,16 @@ thread copies the next tensors of every model out of their memory maps, the call
 merges, a writer thread streams results into the shard files planned up front. Everything is
 checked from the headers before the first byte of tensor data is read, and the output is built
 in a hidden directory beside OUT_DIR that is renamed into place only when complete.
+
+Under torch.distributed (e.g. torchrun; the CLI joins its group) the ranks split the planned
+shards (shard k to rank k mod world size), each writes its own into the shared build directory,
+and rank 0 writes the index and side files and renames it into place, so the files are the
+single-process ones. Every rank reads the same headers and so raises the same input errors;
+a rank that fails later makes every rank raise, and nothing is left behind.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -24,7 +31,8 @@ from .. import _validate
 from ..random import as_u64, tensor_key
 from ._tensors import merge_tensors
 from .config import MergeConfig, TensorParams, layer_fraction, layer_index, load_config, tensor_params
-from .io import MappedReader, OutEntry, ShardWriter, TensorEntry, parse_size, plan_shards, read_model
+from .io import (SINGLE, MappedReader, OutEntry, ShardWriter, TensorEntry, parse_size, plan_shards, read_model,
+                 shard_names, write_index)
 
 # mergekit's list (mergekit/merge.py `_copy_tokenizer`): tokenizer files and their companions
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
@@ -131,6 +139,9 @@ def _run(jobs: list[Job], shards, directory: Path, cfg: MergeConfig, seed: int, 
             for job in jobs:
                 base = reader.read(job.base, pin=pin) if job.base is not None else None
                 models = [] if job.params is None else [reader.read(e, pin=pin) for e in job.models]
+                # unmapping drops the pages just copied from our RSS (the page cache keeps them), which
+                # otherwise grows to the size of every input; the next read maps the files again
+                reader.close()
                 if not _put(loaded, (job, base, models), stop):
                     return
             _put(loaded, _DONE, stop)
@@ -217,12 +228,63 @@ def _install(built: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of an initialized torch.distributed group, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sync(error: Exception | None, world: int) -> None:
+    """Every rank learns whether any failed: raise this rank's error, else name the rank that failed."""
+    failed = []
+    if world > 1:
+        status = [None] * world
+        torch.distributed.all_gather_object(status, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, s) for r, s in enumerate(status) if s is not None]
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+
+
+def _build_dir(out: Path, rank: int, world: int) -> Path:
+    """The hidden directory beside OUT_DIR, made by rank 0 and shared with the others."""
+    made, error = None, None
+    if rank == 0:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            made = tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent)
+        except OSError as e:
+            error = e
+    if world > 1:
+        box = [made]
+        torch.distributed.broadcast_object_list(box, src=0)
+        made = box[0]
+    _sync(error, world)
+    return Path(made)
+
+
+def _run_rank_shards(shards, mine, by_name: dict, built: Path, run) -> None:
+    """This rank's shards, each built as a one-shard output in its own folder, then moved to its
+    name in the whole plan (a one-shard file is the same bytes: its header lists only itself)."""
+    names = shard_names(len(shards))
+    for k in mine:
+        part = built / f".shard-{k}"
+        part.mkdir()
+        run([by_name[e.name] for e in shards[k]], [shards[k]], part)
+        os.rename(part / SINGLE, built / names[k])
+        part.rmdir()
+
+
 def merge_checkpoints(config, out_dir, *, device=None, seed=None, shard_size="5GB", progress: bool = True,
                       overwrite: bool = False, backend: str = "auto") -> Path:
     """Merge the checkpoints of a mergekit `config` (YAML path or dict) into `out_dir` (API.md).
 
     Bad config, a missing model or tensor, or a shape mismatch raises ValueError naming the model
     and tensor before any tensor data is read; nothing is created then. Returns `out_dir`.
+    Under an initialized torch.distributed group every rank calls it with the same arguments.
     """
     cfg = load_config(config)
     if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir):
@@ -240,22 +302,40 @@ def merge_checkpoints(config, out_dir, *, device=None, seed=None, shard_size="5G
     jobs, reference = plan(cfg)
     shards = plan_shards([j.out for j in jobs], shard_bytes)
     by_name = {j.out.name: j for j in jobs}
-    jobs = [by_name[e.name] for shard in shards for e in shard]  # the order the files hold them
-    out.parent.mkdir(parents=True, exist_ok=True)
-    built = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    bar = None
+    rank, world = _world()
+    mine = range(rank, len(shards), world)
+    jobs = [by_name[e.name] for k in mine for e in shards[k]]  # the order the files hold them
+    built = _build_dir(out, rank, world)
     try:
-        if progress:
-            from tqdm.auto import tqdm
-            total = sum(e.end - e.begin for j in jobs for e in (j.base, *j.models) if e is not None)
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merge", dynamic_ncols=True)
-        _run(jobs, shards, built, cfg, seed, device, backend, bar)
-        _copy_side_files(cfg, reference, built)
-        _install(built, out)
+        error, bar = None, None
+        try:
+            if progress and rank == 0:
+                from tqdm.auto import tqdm
+                total = sum(e.end - e.begin for j in jobs for e in (j.base, *j.models) if e is not None)
+                bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merge",
+                           dynamic_ncols=True)
+            run = functools.partial(_run, cfg=cfg, seed=seed, device=device, backend=backend, bar=bar)
+            if world == 1:
+                run(jobs, shards, built)
+            else:
+                _run_rank_shards(shards, mine, by_name, built, run)
+        except Exception as e:
+            error = e
+        finally:
+            if bar is not None:
+                bar.close()
+        _sync(error, world)
+        if rank == 0:
+            try:
+                if world > 1 and len(shards) > 1:
+                    write_index(built, shards)
+                _copy_side_files(cfg, reference, built)
+                _install(built, out)
+            except Exception as e:
+                error = e
+        _sync(error, world)  # the others return once OUT_DIR is in place
     except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(built, ignore_errors=True)
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     return out
