@@ -10,6 +10,7 @@ from .ortho import (CrossOrthogonality, FeatureOrthogonality, GramOrthogonality,
                     ntkcl_contrastive, projection_residual, prototype_basis)
 from .penalty import fisher_accumulate_, l2_penalty, l2_penalty_grad_
 from .random import tensor_key
+from . import merge  # noqa: E402,F401  (registers merge_tensors' fake kernel and Triton op with the package)
 
 __version__ = "0.1.0"
 

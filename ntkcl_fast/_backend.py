@@ -107,7 +107,16 @@ def write_back(originals: list[torch.Tensor], work: list[torch.Tensor]) -> None:
             o.copy_(w)
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(fn):
+    """What `torch.compiler.assume_constant_result` does (torch/_dynamo/decorators.py: it marks the
+    function), without importing torch._dynamo with the package: that import costs ~150 MB of
+    memory and most of a second, which the merge CLI and plain eager users never need.
+    tests/test_backend.py checks that torch still marks functions this way."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
 def resolve(backend: str, device: torch.device, op: str) -> str:
     """The backend name to run `op` on for tensors on `device`.
 

@@ -57,3 +57,27 @@ def test_package_works_without_the_extension():
         "    raise AssertionError('backend cpu ran without the extension')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_leaves_torch_dynamo_unloaded():
+    """Importing the package and running eager ops does not import torch._dynamo (~150 MB)."""
+    code = ("import sys, torch, ntkcl_fast; x = torch.randn(10, requires_grad=True); "
+            "ntkcl_fast.l2_penalty([x], [x.detach()]).backward(); "
+            "ntkcl_fast.ema_update_([x.detach().clone()], [x.detach()], decay=0.9); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_constant_under_compile_marks_as_torch_does():
+    """_backend.constant_under_compile stands in for torch.compiler.assume_constant_result; torch
+    must still mark functions the same way, or compiled graphs would trace `resolve`."""
+    def mine():
+        return 0
+
+    def theirs():
+        return 0
+
+    _backend.constant_under_compile(mine)
+    torch.compiler.assume_constant_result(theirs)
+    assert vars(mine) == vars(theirs) == {"_dynamo_marked_constant": True}

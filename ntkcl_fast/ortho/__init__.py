@@ -84,7 +84,7 @@ def _layer_lists(old, new):
 _ONE_LAUNCH_LISTS = ("gram_orthogonality", "cross_orthogonality")
 
 
-@torch.compiler.assume_constant_result
+@_backend.constant_under_compile
 def _triton_runs(device_type: str, op: str) -> bool:
     return _backend.unavailable_reason("triton", device_type, op) is None
 
