@@ -22,7 +22,8 @@ TIMEOUT = 90.0  # seconds per launch; a healthy world of 3 takes well under half
 def launch(scenario: str, world: int, *args: str) -> None:
     # the ranks meet in a file, not on a port: a free port found here can be taken by another
     # process before rank 0 binds it (seen with several test runs on one machine)
-    rendezvous = os.path.join(tempfile.mkdtemp(prefix="ntkcl-dist-"), "store")
+    meeting = tempfile.TemporaryDirectory(prefix="ntkcl-dist-")
+    rendezvous = os.path.join(meeting.name, "store")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-m", "tests._dist_worker", scenario, str(r), str(world), rendezvous,
                                *args],
@@ -42,6 +43,7 @@ def launch(scenario: str, world: int, *args: str) -> None:
             if p.poll() is None:
                 p.kill()
         outputs = [p.communicate()[0] for p in procs]
+        meeting.cleanup()
     if failed is None and all(p.returncode == 0 for p in procs):
         return
     if failed is None:
