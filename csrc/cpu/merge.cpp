@@ -6,12 +6,13 @@
 // weighted and mixed with the TIES election in registers and small buffers, and the result
 // rounded once on store: (N + 2) x dtype bytes of traffic per element. Statistics come first,
 // from extra read passes that write nothing: ties' magnitude thresholds by a radix select over
-// the bits of |d_i| (16-bit digits: two counting passes for fp32, four for fp64, plus one when
-// ties at the threshold must be split by index), and rescale="l1"'s norms with a fixed-order
+// the bits of |d_i| (11-bit digits, so a thread's histogram stays in L1: three counting passes
+// for fp32, six for fp64, plus one when ties at the threshold must be split by index), and rescale="l1"'s norms with a fixed-order
 // reduction. Counts are exact and sums follow the chunk plan, so every thread count gives the
 // same bits; sums over models are left folds in model order, as in reference/merge.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,7 +30,9 @@ namespace ntkcl_fast {
 namespace {
 
 constexpr int64_t kTile = cpu::kTile;
-constexpr int kDigitBits = 16;
+// 2048 bins of int64 = 16 KB per model: in L1. 16-bit digits (two fp32 passes instead of three)
+// put 512 KB under random increments and ran ~4x slower per pass (bench/NOTES.md).
+constexpr int kDigitBits = 11;
 constexpr int64_t kBins = int64_t{1} << kDigitBits;
 constexpr int kLanes = 16;  // partial sums per tile of the l1 norms
 
@@ -125,7 +128,7 @@ void for_deltas(const cpu::ChunkPlan& chunks, const at::Tensor& base, at::Tensor
 }
 
 // Per model of `which`, the k-th largest magnitude key (k = ks[s] in [1, numel)), the count of
-// keys above it and how many ties at it to keep: one counting pass per 16-bit digit, the digit
+// keys above it and how many ties at it to keep: one counting pass per digit, the digit
 // of the k-th key found from the top, then only keys with that prefix counted at the next one.
 template <typename Acc>
 void select_thresholds(const cpu::ChunkPlan& chunks, const at::Tensor& base, at::TensorList models,
@@ -136,8 +139,12 @@ void select_thresholds(const cpu::ChunkPlan& chunks, const at::Tensor& base, at:
   const size_t sel = which.size();
   std::vector<K> prefix(sel, 0);
   std::vector<int64_t> need(ks), ties(sel, 0);
-  for (int level = 0; level < kKeyBits / kDigitBits; ++level) {
-    const int shift = kKeyBits - kDigitBits * (level + 1);
+  constexpr int kLevels = (kKeyBits + kDigitBits - 1) / kDigitBits;
+  for (int level = 0; level < kLevels; ++level) {
+    // digits from the top; the last one takes the bits left over (10 for fp32, 9 for fp64)
+    const int width = std::min(kDigitBits, kKeyBits - kDigitBits * level);
+    const int shift = kKeyBits - kDigitBits * level - width;
+    const K mask = (K{1} << width) - 1;
     // one histogram per thread: counts are exact, so how work splits cannot change them
     std::vector<std::vector<int64_t>> hist(at::get_num_threads());
     for_deltas<Acc>(chunks, base, models, which, [&](int64_t, size_t s, int64_t, int64_t n, const Acc* d) {
@@ -146,7 +153,7 @@ void select_thresholds(const cpu::ChunkPlan& chunks, const at::Tensor& base, at:
       int64_t* hs = h.data() + s * kBins;
       for (int64_t j = 0; j < n; ++j) {
         const K k = magnitude_key(d[j]);
-        if (level == 0 || (k >> (shift + kDigitBits)) == prefix[s]) ++hs[(k >> shift) & (kBins - 1)];
+        if (level == 0 || (k >> (shift + width)) == prefix[s]) ++hs[(k >> shift) & mask];
       }
     });
     std::vector<int64_t> total(sel * kBins, 0);
@@ -155,11 +162,11 @@ void select_thresholds(const cpu::ChunkPlan& chunks, const at::Tensor& base, at:
     }
     for (size_t s = 0; s < sel; ++s) {
       const int64_t* hs = total.data() + s * kBins;
-      int64_t digit = kBins - 1, above = 0;
+      int64_t digit = static_cast<int64_t>(mask), above = 0;
       for (; digit > 0 && above + hs[digit] < need[s]; --digit) above += hs[digit];
       need[s] -= above;
       ties[s] = hs[digit];
-      prefix[s] = (level == 0 ? K{0} : prefix[s] << kDigitBits) | static_cast<K>(digit);
+      prefix[s] = (level == 0 ? K{0} : prefix[s] << width) | static_cast<K>(digit);
     }
   }
   std::vector<size_t> split;  // slots whose ties are kept only in part
@@ -267,8 +274,20 @@ void mix_tile(const Acc* e, const Acc* w, size_t n_models, const Acc* b, int64_t
     for (size_t i = 0; i < n_models; ++i) {
       const Acc* ei = e + i * kTile;
       const Acc wi = w[i];
-      for (int64_t j = 0; j < n; ++j) {
-        const bool take = sum[j] >= 0 ? ei[j] > 0 : ei[j] < 0;  // zeros and NaN never take part
+      // at::vec masks and blends: GCC kept the scalar form (a select on the elected sign) a loop
+      // of branches, which the random signs mispredict (~8 ns per element for two models)
+      using V = at::vec::Vectorized<Acc>;
+      const V zero(Acc(0)), wv(wi);
+      int64_t j = 0;
+      for (; j + V::size() <= n; j += V::size()) {
+        const V x = V::loadu(ei + j);
+        // zeros and NaN never take part: both comparisons are false for them
+        const V take = V::blendv(x < zero, x > zero, V::loadu(sum + j) >= zero);
+        (V::loadu(mixed + j) + V::blendv(zero, x, take)).store(mixed + j);
+        (V::loadu(div + j) + V::blendv(zero, wv, take)).store(div + j);
+      }
+      for (; j < n; ++j) {
+        const bool take = sum[j] >= 0 ? ei[j] > 0 : ei[j] < 0;
         mixed[j] += take ? ei[j] : Acc(0);
         div[j] += take ? wi : Acc(0);
       }
