@@ -6,8 +6,8 @@
 // weighted and mixed with the TIES election in registers and small buffers, and the result
 // rounded once on store: (N + 2) x dtype bytes of traffic per element. Statistics come first,
 // from extra read passes that write nothing: ties' magnitude thresholds by a radix select over
-// the bits of |d_i| (11-bit digits, so a thread's histogram stays in L1: three counting passes
-// for fp32, six for fp64, plus one when ties at the threshold must be split by index), and rescale="l1"'s norms with a fixed-order
+// the bits of |d_i| (11-bit digits: three counting passes for fp32, six for fp64, plus one when
+// ties at the threshold must be split by index), and rescale="l1"'s norms with a fixed-order
 // reduction. Counts are exact and sums follow the chunk plan, so every thread count gives the
 // same bits; sums over models are left folds in model order, as in reference/merge.py.
 #include <ATen/ATen.h>
@@ -30,10 +30,12 @@ namespace ntkcl_fast {
 namespace {
 
 constexpr int64_t kTile = cpu::kTile;
-// 2048 bins of int64 = 16 KB per model: in L1. 16-bit digits (two fp32 passes instead of three)
-// put 512 KB under random increments and ran ~4x slower per pass (bench/NOTES.md).
+// 11-bit digits, four interleaved copies of each histogram (64 KB of int64 counts per model):
+// measured against 8-bit digits (one more pass, all in L1) and single 11- or 16-bit histograms,
+// this was fastest (bench/NOTES.md, "merge_tensors on CPU: the election and the select")
 constexpr int kDigitBits = 11;
 constexpr int64_t kBins = int64_t{1} << kDigitBits;
+constexpr int64_t kCopies = 4;
 constexpr int kLanes = 16;  // partial sums per tile of the l1 norms
 
 // |d| as an unsigned integer whose order is the magnitude order, NaN above +inf (all NaNs one
@@ -149,16 +151,20 @@ void select_thresholds(const cpu::ChunkPlan& chunks, const at::Tensor& base, at:
     std::vector<std::vector<int64_t>> hist(at::get_num_threads());
     for_deltas<Acc>(chunks, base, models, which, [&](int64_t, size_t s, int64_t, int64_t n, const Acc* d) {
       std::vector<int64_t>& h = hist[at::get_thread_num()];
-      if (h.empty()) h.assign(sel * kBins, 0);
-      int64_t* hs = h.data() + s * kBins;
+      if (h.empty()) h.assign(sel * kCopies * kBins, 0);
+      int64_t* hs = h.data() + s * kCopies * kBins;
+      // kCopies interleaved histograms and no branch: neighbours landing in one bin (most of
+      // them, at the top digit of similar magnitudes) would otherwise wait on each other's
+      // increment, and a prefix test that passes for a fraction of keys would mispredict
       for (int64_t j = 0; j < n; ++j) {
         const K k = magnitude_key(d[j]);
-        if (level == 0 || (k >> (shift + width)) == prefix[s]) ++hs[(k >> shift) & mask];
+        const bool counted = level == 0 || (k >> (shift + width)) == prefix[s];
+        hs[(j % kCopies) * kBins + ((k >> shift) & mask)] += counted;
       }
     });
     std::vector<int64_t> total(sel * kBins, 0);
     for (const auto& h : hist) {
-      for (size_t b = 0; b < h.size(); ++b) total[b] += h[b];
+      for (size_t b = 0; b < h.size(); ++b) total[(b / (kCopies * kBins)) * kBins + b % kBins] += h[b];
     }
     for (size_t s = 0; s < sel; ++s) {
       const int64_t* hs = total.data() + s * kBins;
