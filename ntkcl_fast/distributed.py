@@ -12,23 +12,23 @@ so plain tensors take exactly their usual path.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
-try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # torch built without distributed: no DTensor can reach the ops
-    DTensor = None
-
 
 def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # No DTensor exists before torch.distributed.tensor is imported (by the user, FSDP2 or DCP), so
+    # the package does not import it (~0.6 s at startup); the functions below run only after this
+    # returned True, and import what they use from it then.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 # ------------------------------------------------------------------------------ checks and shards
 
 def check_placements(t, name: str) -> None:
+    from torch.distributed.tensor import Replicate, Shard
     for p in t.placements:
         if not isinstance(p, (Shard, Replicate)):
             raise ValueError(f"{name} has placement {p}; only Shard and Replicate placements are supported")
@@ -62,6 +62,7 @@ def local_lists(named: list[tuple[str, list]]) -> list[list[torch.Tensor]]:
 
 def wrap_like(local: torch.Tensor, like) -> torch.Tensor:
     """`local` as a DTensor with `like`'s mesh, placements, global shape and stride."""
+    from torch.distributed.tensor import DTensor
     return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
                               shape=like.shape, stride=like.stride())
 
@@ -70,6 +71,7 @@ def flat_offset(t, name: str) -> int:
     """Global row-major flat index of the local shard's first element. The shard must be one
     contiguous range of the flat tensor: sharded along dim 0 only (FSDP2's Shard(0), uneven
     shards included), or replicated."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     check_placements(t, name)
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (its flat index is the row-major one)")
@@ -81,6 +83,7 @@ def flat_offset(t, name: str) -> int:
 
 
 def _shard_dims(t) -> tuple[int, ...]:
+    from torch.distributed.tensor import Shard
     return tuple(d for d, p in enumerate(t.placements) if isinstance(p, Shard))
 
 
@@ -202,6 +205,7 @@ def _rows_q(q, t, offset: int):
     if not isinstance(q, torch.Tensor):
         return q
     if is_dtensor(q):
+        from torch.distributed.tensor import Replicate
         if any(not isinstance(p, Replicate) for p in q.placements):
             raise ValueError("q as a DTensor must be replicated (it holds one value per global row)")
         q = q.to_local()
