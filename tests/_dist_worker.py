@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 from unittest import mock
 
@@ -41,6 +42,17 @@ def _equal(dt, want, what):
     assert isinstance(dt, DTensor), f"{what}: not a DTensor"
     got = dt.full_tensor()
     assert got.dtype == want.dtype and torch.equal(got, want), f"{what}: differs from the single-process result"
+
+
+def _each_raises(cases) -> None:
+    """Every (call, exception type, message pattern) raises that type with a matching message."""
+    for call, err, match in cases:
+        try:
+            call()
+        except err as e:
+            assert re.search(match, str(e)), f"message {e!r} does not name {match}"
+        else:
+            raise AssertionError(f"no {err.__name__} for {match}")
 
 
 def _same_on_every_rank(value, what):
@@ -186,14 +198,7 @@ def check_errors(mesh):
         cases.append((lambda: ntkcl_fast.dare_delta_(s1, 0.5), ValueError, "delta"))
         cases.append((lambda: ntkcl_fast.dare_state_dict({"w": s1}, {"w": s1.clone()}, 0.5), ValueError,
                       r"finetuned\['w'\] is sharded along a dim other than 0"))
-    for call, err, match in cases:
-        try:
-            call()
-        except err as e:
-            import re
-            assert re.search(match, str(e)), f"message {e!r} does not name {match}"
-        else:
-            raise AssertionError(f"no {err.__name__} for {match}")
+    _each_raises(cases)
     assert torch.equal(a.full_tensor(), before), "a failed call wrote"
 
 

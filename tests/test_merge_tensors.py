@@ -27,6 +27,16 @@ def _inputs(n_models, shape, dtype=torch.float32, seed=0):
     return base.to(dtype), [m.to(dtype) for m in models]
 
 
+def tied_magnitudes(n, dtype):
+    """A zero base and three models of few distinct magnitudes (long runs of ties), NaN and inf."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.zeros(n, dtype=dtype)
+    models = [(torch.randint(-3, 4, (n,), generator=g).to(dtype) * 0.5) for _ in range(3)]
+    models[1][::97] = float("nan")
+    models[2][5::11] = float("inf")
+    return base, models
+
+
 def _same_bits(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
     assert torch.equal(a.isnan(), b.isnan())
@@ -130,12 +140,7 @@ def test_cpu_l1_rescale_with_a_nan_norm_scales_by_nan(method):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_magnitude_ties_nan_and_zeros(dtype):
     # few distinct magnitudes and NaNs: the threshold sits inside long runs of ties, split by index
-    g = torch.Generator().manual_seed(7)
-    n = 3000
-    base = torch.zeros(n, dtype=dtype)
-    models = [(torch.randint(-3, 4, (n,), generator=g).to(dtype) * 0.5) for _ in range(3)]
-    models[1][::97] = float("nan")
-    models[2][5::11] = float("inf")
+    base, models = tied_magnitudes(3000, dtype)
     for density in (0.0, 0.0001, 0.3, 0.61, 0.999, 1.0):
         for method in ("ties", "task_arithmetic"):
             kw = dict(method=method, weight=[1.0, 0.5, -2.0], density=density, normalize=True)

@@ -16,6 +16,8 @@ import torch
 from ntkcl_fast import _backend
 from ntkcl_fast.merge import merge_tensors
 
+from .test_merge_tensors import tied_magnitudes
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CASES = [("linear", None), ("task_arithmetic", None), ("ties", None)] + [
@@ -94,12 +96,7 @@ def test_triton_matches_cpu_bit_for_bit(method, rescale, dtype, launches):
 def test_triton_magnitude_ties_nan_and_inf(dtype, launches):
     # few distinct magnitudes, NaN and inf: the threshold sits inside long runs of ties that
     # straddle blocks and are split by index
-    g = torch.Generator().manual_seed(7)
-    n = 3001
-    base = torch.zeros(n, dtype=dtype)
-    models = [(torch.randint(-3, 4, (n,), generator=g).to(dtype) * 0.5) for _ in range(3)]
-    models[1][::97] = float("nan")
-    models[2][5::11] = float("inf")
+    base, models = tied_magnitudes(3001, dtype)
     for density in (0.0, 0.0001, 0.3, 0.61, 0.999, 1.0):
         kw = dict(method="ties", weight=[1.0, 0.5, -2.0], density=density, normalize=True)
         _same_bits(*_both(base, models, **kw), f"density {density}")
