@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "checks.h"
+#include "overlap.h"
 
 namespace ntkcl_fast {
 
@@ -66,6 +67,18 @@ inline const at::Tensor& check_merge_args(const at::Tensor* base, at::TensorList
   }
   TORCH_CHECK_VALUE(std::isfinite(lam), "lam must be finite");
   return like;
+}
+
+// merge_tensors_into_'s `out`: where the output would be, and no memory shared with an input.
+inline void check_merge_out(const at::Tensor& like, const at::Tensor* base, at::TensorList models,
+                            const at::Tensor& out) {
+  TORCH_CHECK_TYPE(out.scalar_type() == like.scalar_type(), "out must have the dtype ", like.scalar_type(),
+                   ", got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.sizes() == like.sizes(), "out must have the shape ", like.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(out.device() == like.device(), "out must be on ", like.device(), ", got ", out.device());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
+  check_no_overlap({{at::TensorList(out), "out"}},
+                   {{base ? at::TensorList(*base) : at::TensorList(), "base"}, {models, "models"}});
 }
 
 }  // namespace ntkcl_fast

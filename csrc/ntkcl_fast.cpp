@@ -56,6 +56,10 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   // model i draws its DARE mask under key + i. base may be None for linear. Returns a new tensor.
   m.def("merge_tensors(Tensor? base, Tensor[] models, str method, float[] weights, float[] densities, "
         "float lam, bool normalize, str rescale, int seed, int key) -> Tensor");
+  // The same into `out` (the output's shape, dtype and device, contiguous, sharing no memory with an
+  // input): a checkpoint merge reuses its output buffers instead of faulting in new pages per tensor.
+  m.def("merge_tensors_into_(Tensor(a!) out, Tensor? base, Tensor[] models, str method, float[] weights, "
+        "float[] densities, float lam, bool normalize, str rescale, int seed, int key) -> ()");
   // Orthogonality and feature losses (docs/API.md): 0-d value in fp32 (fp64 when an input is fp64)
   // and closed-form gradients in each input's dtype; rows normalized as x / max(||x||, 1e-12).
   // feature_orthogonality returns (value, S = n(f) n(p)^T [B, K], max(||f_i||, eps) [B],

@@ -398,29 +398,50 @@ void run_merge(const Args& a, const at::Tensor& out) {
   });
 }
 
+Args parse_args(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
+                at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
+                c10::string_view rescale, int64_t seed, int64_t key) {
+  return Args{base.has_value() && base->defined() ? &*base : nullptr,
+              models,
+              parse_merge_method(std::string_view(method.data(), method.size())),
+              parse_rescale(std::string_view(rescale.data(), rescale.size())),
+              weights,
+              densities,
+              lam,
+              normalize,
+              static_cast<uint64_t>(seed),
+              static_cast<uint64_t>(key)};
+}
+
+void run(const Args& a, const at::Tensor& out) {
+  if (out.numel() == 0) return;
+  cpu::with_acc(out.scalar_type() == at::kDouble, [&](auto acc) { run_merge<decltype(acc)>(a, out); });
+}
+
 at::Tensor merge_tensors_cpu(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
                              at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
                              c10::string_view rescale, int64_t seed, int64_t key) {
-  const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
-  const Args a{b,
-               models,
-               parse_merge_method(std::string_view(method.data(), method.size())),
-               parse_rescale(std::string_view(rescale.data(), rescale.size())),
-               weights,
-               densities,
-               lam,
-               normalize,
-               static_cast<uint64_t>(seed),
-               static_cast<uint64_t>(key)};
-  const at::Tensor& like = check_merge_args(b, models, a.method, weights, densities, lam, c10::DeviceType::CPU);
+  const Args a = parse_args(base, models, method, weights, densities, lam, normalize, rescale, seed, key);
+  const at::Tensor& like = check_merge_args(a.base, models, a.method, weights, densities, lam, c10::DeviceType::CPU);
   at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
-  if (out.numel() == 0) return out;
-  cpu::with_acc(like.scalar_type() == at::kDouble, [&](auto acc) { run_merge<decltype(acc)>(a, out); });
+  run(a, out);
   return out;
+}
+
+void merge_tensors_into_cpu(const at::Tensor& out, const std::optional<at::Tensor>& base, at::TensorList models,
+                            c10::string_view method, at::ArrayRef<double> weights, at::ArrayRef<double> densities,
+                            double lam, bool normalize, c10::string_view rescale, int64_t seed, int64_t key) {
+  const Args a = parse_args(base, models, method, weights, densities, lam, normalize, rescale, seed, key);
+  const at::Tensor& like = check_merge_args(a.base, models, a.method, weights, densities, lam, c10::DeviceType::CPU);
+  check_merge_out(like, a.base, models, out);
+  run(a, out);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ntkcl_fast, CPU, m) { m.impl("merge_tensors", &merge_tensors_cpu); }
+TORCH_LIBRARY_IMPL(ntkcl_fast, CPU, m) {
+  m.impl("merge_tensors", &merge_tensors_cpu);
+  m.impl("merge_tensors_into_", &merge_tensors_into_cpu);
+}
 
 }  // namespace ntkcl_fast

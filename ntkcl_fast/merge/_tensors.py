@@ -22,8 +22,13 @@ def _merge_fake(base, models, method, weights, densities, lam, normalize, rescal
     return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
+def _merge_into_fake(out, base, models, method, weights, densities, lam, normalize, rescale, seed, key):
+    return None
+
+
 if _backend._C is not None:
     torch.library.register_fake("ntkcl_fast::merge_tensors")(_merge_fake)
+    torch.library.register_fake("ntkcl_fast::merge_tensors_into_")(_merge_into_fake)
 
 
 def _check_op_args(base, models, method, weights, densities, lam, rescale) -> None:
@@ -110,14 +115,39 @@ def _tensors(base, models) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return like, list(models)
 
 
+def _check_out(out, like: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a Tensor or None, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must have shape {tuple(like.shape)}, dtype {like.dtype} and device {like.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    lo, hi = _span(out)
+    for t in inputs:  # a written tile could be read back by a later one, or by a statistics pass
+        t_lo, t_hi = _span(t)
+        if t.numel() and out.numel() and t_lo < hi and lo < t_hi:
+            raise ValueError("out must not share memory with base or models")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte addresses [lo, hi) that t's elements occupy (any strides)."""
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        extent = (size - 1) * stride * t.element_size()
+        lo, hi = (lo + extent, hi) if extent < 0 else (lo, hi + extent)
+    return lo, hi + t.element_size()
+
+
 def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: float = 1.0, normalize=None,
-                  rescale=None, seed: int = 0, key: int = 0, backend: str = "auto") -> torch.Tensor:
+                  rescale=None, seed: int = 0, key: int = 0, backend: str = "auto", out=None) -> torch.Tensor:
     """One tensor of a merge of `models` into `base` by mergekit's `method` (API.md).
 
     `weight` and `density`: a float or one per model. `normalize` None takes the method's
     default (True for linear and ties), `rescale` None "density" for the dare_* methods. `key`
     replaces `tensor_key(name)`: model i draws its DARE mask under key + i. `base` may be None
-    for linear.
+    for linear. `out`: a contiguous tensor of the result's shape, dtype and device, sharing no
+    memory with the inputs, written and returned instead of a new tensor.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -139,14 +169,19 @@ def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: fl
     elif rescale not in RESCALES:
         raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
+    if out is not None:
+        _check_out(out, like, models if base is None else [base, *models])
     name = _backend.resolve(backend, like.device, "merge_tensors")
     if like.numel() == 0:
-        return torch.empty_like(like)
+        return torch.empty_like(like) if out is None else out
     if name == "torch":
-        return reference.merge_tensors(base, models, method, weights, densities, lam, normalize, rescale, seed,
-                                       key).reshape(like.shape)
-    dense = _backend.dense(models)
-    out = _backend.kernel(name, "merge_tensors")(None if base is None else base.contiguous(), dense, method,
-                                                  weights, densities, lam, normalize, rescale, as_i64(seed),
-                                                  as_i64(key))
-    return out
+        merged = reference.merge_tensors(base, models, method, weights, densities, lam, normalize, rescale, seed,
+                                         key).reshape(like.shape)
+        return merged if out is None else out.copy_(merged)
+    args = (None if base is None else base.contiguous(), _backend.dense(models), method, weights, densities, lam,
+            normalize, rescale, as_i64(seed), as_i64(key))
+    if out is not None and name == "cpu":
+        torch.ops.ntkcl_fast.merge_tensors_into_(out, *args)
+        return out
+    merged = _backend.kernel(name, "merge_tensors")(*args)
+    return merged if out is None else out.copy_(merged)

@@ -2,7 +2,7 @@
 "Model merging").
 
 Three stages run at once, joined by bounded queues so memory holds only a few tensors: a reader
-thread copies the next tensors of every model out of their memory maps, the calling thread
+thread maps the next tensors of every model and faults their pages in, the calling thread
 merges, a writer thread streams results into the shard files planned up front. Everything is
 checked from the headers before the first byte of tensor data is read, and the output is built
 in a hidden directory beside OUT_DIR that is renamed into place only when complete.
@@ -31,7 +31,7 @@ from .. import _validate
 from ..random import as_u64, tensor_key
 from ._tensors import merge_tensors
 from .config import MergeConfig, TensorParams, layer_fraction, layer_index, load_config, tensor_params
-from .io import (SINGLE, MappedReader, OutEntry, ShardWriter, TensorEntry, parse_size, plan_shards, read_model,
+from .io import (SINGLE, OutEntry, ShardWriter, TensorEntry, parse_size, plan_shards, read_model, read_tensor,
                  shard_names, write_index)
 
 # mergekit's list (mergekit/merge.py `_copy_tokenizer`): tokenizer files and their companions
@@ -95,17 +95,47 @@ def plan(cfg: MergeConfig) -> tuple[list[Job], Path]:
     return jobs, reference
 
 
-def _merge(job: Job, base, models, cfg: MergeConfig, seed: int, device, backend: str) -> torch.Tensor:
-    """One output tensor (on the CPU, in its output dtype)."""
+class OutputBuffers:
+    """Byte buffers for merged tensors, handed back by the writer once written, so a merge writes
+    into pages already faulted in: a new tensor of a few hundred MB costs more in page faults
+    than the merge kernel itself (bench/NOTES.md). It holds no more buffers than were ever in
+    flight at once: when none fits, the smaller free ones are dropped before one is made."""
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, entry: OutEntry) -> tuple[torch.Tensor, torch.Tensor]:
+        """(buffer, a view of it with entry's dtype and shape)."""
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= entry.nbytes]
+            buf = min(fits, key=torch.Tensor.numel) if fits else None
+            self._free = [b for b in self._free if b is not buf and (fits or b.numel() > entry.nbytes)]
+        if buf is None:
+            buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+        return buf, buf[:entry.nbytes].view(entry.dtype).view(entry.shape)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+def _merge(job: Job, base, models, cfg: MergeConfig, seed: int, device, backend: str,
+           buffers: OutputBuffers) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One output tensor (on the CPU, in its output dtype) and the buffer of `buffers` it lies in,
+    if any."""
     if job.params is None:
-        return base
+        return base, None
     base = None if job.base is None else base.to(device, job.compute, non_blocking=True)
     models = [m.to(device, job.compute, non_blocking=True) for m in models]
+    buf, out = None, None
+    if device.type == "cpu" and job.compute == job.out.dtype:
+        buf, out = buffers.take(job.out)
     p = job.params
     merged = merge_tensors(base, models, method=cfg.method, weight=list(p.weight), density=list(p.density),
                            lam=p.lam, normalize=p.normalize, rescale=p.rescale, seed=seed, key=job.key,
-                           backend=backend)
-    return merged.to(job.out.dtype).cpu()
+                           backend=backend, out=out)
+    return merged.to(job.out.dtype).cpu(), buf
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -131,17 +161,17 @@ def _run(jobs: list[Job], shards, directory: Path, cfg: MergeConfig, seed: int, 
          bar) -> None:
     stop, errors = threading.Event(), []
     loaded, merged = queue.Queue(QUEUE_DEPTH), queue.Queue(QUEUE_DEPTH)
-    reader, writer = MappedReader(), ShardWriter(directory, shards)
+    writer, buffers = ShardWriter(directory, shards), OutputBuffers()
     pin = device.type == "cuda"
 
     def read_all():
         try:
             for job in jobs:
-                base = reader.read(job.base, pin=pin) if job.base is not None else None
-                models = [] if job.params is None else [reader.read(e, pin=pin) for e in job.models]
-                # unmapping drops the pages just copied from our RSS (the page cache keeps them), which
-                # otherwise grows to the size of every input; the next read maps the files again
-                reader.close()
+                base = read_tensor(job.base, pin=pin) if job.base is not None else None
+                models = [] if job.params is None else [read_tensor(e, pin=pin) for e in job.models]
+                if not pin and job.params is not None:  # the cast, if any, here rather than in the merge thread
+                    base = None if base is None else base.to(job.compute)
+                    models = [m.to(job.compute) for m in models]
                 if not _put(loaded, (job, base, models), stop):
                     return
             _put(loaded, _DONE, stop)
@@ -152,7 +182,10 @@ def _run(jobs: list[Job], shards, directory: Path, cfg: MergeConfig, seed: int, 
     def write_all():
         try:
             while (item := _get(merged, stop)) is not _DONE:
-                writer.write(*item)
+                entry, tensor, buf = item
+                writer.write(entry, tensor)
+                if buf is not None:
+                    buffers.give(buf)
             if not stop.is_set():
                 writer.finish()
         except BaseException as e:
@@ -168,8 +201,9 @@ def _run(jobs: list[Job], shards, directory: Path, cfg: MergeConfig, seed: int, 
     try:
         while (item := _get(loaded, stop)) is not _DONE:
             job, base, models = item
-            out = _merge(job, base, models, cfg, seed, device, backend)
-            if not _put(merged, (job.out, out), stop):
+            out, buf = _merge(job, base, models, cfg, seed, device, backend, buffers)
+            del base, models  # unmaps the inputs' pages (their views were the last references)
+            if not _put(merged, (job.out, out, buf), stop):
                 break
             if bar is not None:
                 bar.update(sum(e.end - e.begin for e in (job.base, *job.models) if e is not None))
@@ -183,7 +217,6 @@ def _run(jobs: list[Job], shards, directory: Path, cfg: MergeConfig, seed: int, 
     finally:
         for t in threads:
             t.join()
-        reader.close()
     if errors:
         raise errors[0]
     if stop.is_set():

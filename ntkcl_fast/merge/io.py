@@ -8,6 +8,7 @@ a multiple of 8, then the tensor bytes, offsets relative to the end of the heade
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -119,29 +120,40 @@ def read_model(directory: Path, label: str) -> dict[str, TensorEntry]:
     raise ValueError(f"{label}: {directory} holds neither {SINGLE} nor {INDEX}")
 
 
-class MappedReader:
-    """Reads tensors out of memory-mapped files, one copy each (into pinned memory when asked)."""
+# madvise(MADV_POPULATE_READ) (Linux >= 5.14; not named by Python's mmap module before 3.13):
+# fault the pages in read-only, so a private mapping gets no copy-on-write copies
+MADV_POPULATE_READ = 22
 
-    def __init__(self):
-        self._maps: dict[Path, mmap.mmap] = {}
 
-    def read(self, entry: TensorEntry, *, pin: bool = False) -> torch.Tensor:
-        out = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=pin)
-        if out.numel() == 0:
-            return out
-        m = self._maps.get(entry.file)
-        if m is None:
-            with open(entry.file, "rb") as f:  # copy-on-write: writable for torch.frombuffer, never written
-                m = self._maps[entry.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        view = torch.frombuffer(m, dtype=torch.uint8, count=entry.end - entry.begin, offset=entry.begin)
-        out.view(-1).view(torch.uint8).copy_(view)
-        del view
-        return out
+def read_tensor(entry: TensorEntry, *, pin: bool = False) -> torch.Tensor:
+    """A tensor of a safetensors file as a view of a private memory map: no copy, unless it is to
+    be pinned for a device or its offset is not aligned to its dtype.
 
-    def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
+    Each read maps only its tensor's bytes, anew: its pages leave this process's RSS when the
+    last view of it is dropped (the page cache keeps them), so RSS holds the tensors in flight,
+    not every input read so far. The pages are faulted in here, by the reading thread, so the
+    thread that merges them does not wait on the disk.
+    """
+    numel = _numel(entry.shape)
+    if numel == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype, pin_memory=pin)
+    start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
+    with open(entry.file, "rb") as f:  # copy-on-write: writable for torch.frombuffer, never written
+        m = mmap.mmap(f.fileno(), entry.end - start, offset=start, access=mmap.ACCESS_COPY)
+    _populate(m)
+    view = torch.frombuffer(m, dtype=entry.dtype, count=numel, offset=entry.begin - start)
+    if not pin and entry.begin % entry.dtype.itemsize == 0:
+        return view.view(entry.shape)  # keeps the map alive; it is unmapped with the last view
+    out = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=pin)
+    out.view(-1).copy_(view)
+    return out
+
+
+def _populate(m: mmap.mmap) -> None:
+    try:
+        m.madvise(MADV_POPULATE_READ)
+    except OSError:  # an older kernel: ask for readahead instead
+        m.madvise(mmap.MADV_WILLNEED)
 
 
 @dataclass(frozen=True)
@@ -200,6 +212,21 @@ def write_index(directory: Path, shards: list[list[OutEntry]]) -> None:
     (directory / INDEX).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
+def _writeback_starter():
+    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) where the C library has it (Linux): starts
+    the disk writes of a file's dirty pages without waiting for them, so the fsync that closes a
+    shard waits for its last tensors only, not for the whole shard after the merge is done."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd: None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd: fn(fd, 0, 0, 2)  # a failure here only loses the overlap: fsync still runs
+
+
+_start_writeback = _writeback_starter()
+
+
 class ShardWriter:
     """Writes tensors, in plan order, into the planned shard files of `directory`."""
 
@@ -215,18 +242,18 @@ class ShardWriter:
             raise RuntimeError(f"tensor {entry.name!r} arrived out of plan (expected {expected.name!r})")
         if tensor.numel():
             self._file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+            _start_writeback(self._file.fileno())
         self._pos += 1
 
     def _next_file(self) -> None:
         if self._file is not None:
             self._close_file()
             self._shard += 1
-        self._file = open(self._directory / self._names[self._shard], "wb")
+        self._file = open(self._directory / self._names[self._shard], "wb", buffering=0)
         self._file.write(header_bytes(self._shards[self._shard]))
         self._pos = 0
 
     def _close_file(self) -> None:
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
 
