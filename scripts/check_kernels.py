@@ -11,7 +11,8 @@ import ntkcl_fast._C  # noqa: F401  registers the ops
 
 # Ops that have no kernel for a key yet, each with what runs instead (docs/API.md says the same).
 # Kept short and explicit: every other op must have every kernel.
-NOT_YET = {("ntkcl_fast::merge_tensors", "CUDA"): "CUDA tensors run the Triton kernel (ntkcl_fast/triton/merge.py)"}
+NOT_YET = {("ntkcl_fast::merge_tensors", "CUDA"): "CUDA tensors run the Triton kernel (ntkcl_fast/triton/merge.py)",
+           ("ntkcl_fast::merge_tensors_into_", "CUDA"): "merge_tensors(out=) on CUDA copies the Triton result in"}
 
 keys = sys.argv[1:] or ["CPU", "CUDA"]
 ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("ntkcl_fast::"))
