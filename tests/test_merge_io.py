@@ -64,3 +64,13 @@ def test_output_buffers_are_reused_and_stay_few():
     pool.give(grown)
     pool.give(again)
     assert sorted(b.numel() for b in pool._free) == [400, 800]
+
+
+def test_bare_cuda_under_torchrun_is_the_local_rank_gpu(monkeypatch):
+    from ntkcl_fast.merge.engine import _rank_device
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    assert _rank_device(torch.device("cuda"), 8) == torch.device("cuda", 2)
+    assert _rank_device(torch.device("cuda", 1), 8) == torch.device("cuda", 1)  # asked for: kept
+    assert _rank_device(torch.device("cuda"), 1) == torch.device("cuda")
+    assert _rank_device(torch.device("cpu"), 8) == torch.device("cpu")

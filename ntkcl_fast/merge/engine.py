@@ -269,6 +269,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _rank_device(device: torch.device, world: int) -> torch.device:
+    """Under torchrun, a bare `cuda` means this rank's GPU (LOCAL_RANK), as torchrun's own scripts
+    pick it; one rank per GPU, so the ranks do not share one device's memory and copy engines."""
+    if device.type != "cuda" or device.index is not None or world == 1:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
 def _sync(error: Exception | None, world: int) -> None:
     """Every rank learns whether any failed: raise this rank's error, else name the rank that failed."""
     failed = []
@@ -336,6 +344,7 @@ def merge_checkpoints(config, out_dir, *, device=None, seed=None, shard_size="5G
     shards = plan_shards([j.out for j in jobs], shard_bytes)
     by_name = {j.out.name: j for j in jobs}
     rank, world = _world()
+    device = _rank_device(device, world)
     mine = range(rank, len(shards), world)
     jobs = [by_name[e.name] for k in mine for e in shards[k]]  # the order the files hold them
     built = _build_dir(out, rank, world)
