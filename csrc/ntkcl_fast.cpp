@@ -53,13 +53,14 @@ TORCH_LIBRARY(ntkcl_fast, m) {
   m.def("magnitude_prune_(Tensor(a!) delta, int k) -> ()");
   // One tensor of a model merge (docs/API.md, "Model merging"): method linear, task_arithmetic, ties,
   // dare_linear or dare_ties; weights and densities one per model; rescale density, l1 or none (dare_*);
-  // model i draws its DARE mask under key + i. base may be None for linear. Returns a new tensor.
+  // model i draws its DARE mask under key + i, element j by global index offset + j (a shard's place in
+  // the whole tensor). base may be None for linear. Returns a new tensor.
   m.def("merge_tensors(Tensor? base, Tensor[] models, str method, float[] weights, float[] densities, "
-        "float lam, bool normalize, str rescale, int seed, int key) -> Tensor");
+        "float lam, bool normalize, str rescale, int seed, int key, int offset=0) -> Tensor");
   // The same into `out` (the output's shape, dtype and device, contiguous, sharing no memory with an
   // input): a checkpoint merge reuses its output buffers instead of faulting in new pages per tensor.
   m.def("merge_tensors_into_(Tensor(a!) out, Tensor? base, Tensor[] models, str method, float[] weights, "
-        "float[] densities, float lam, bool normalize, str rescale, int seed, int key) -> ()");
+        "float[] densities, float lam, bool normalize, str rescale, int seed, int key, int offset=0) -> ()");
   // Orthogonality and feature losses (docs/API.md): 0-d value in fp32 (fp64 when an input is fp64)
   // and closed-form gradients in each input's dtype; rows normalized as x / max(||x||, 1e-12).
   // feature_orthogonality returns (value, S = n(f) n(p)^T [B, K], max(||f_i||, eps) [B],

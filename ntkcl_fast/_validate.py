@@ -148,3 +148,12 @@ def no_overlap_labeled(written, read) -> None:
             end_any, last_any = hi, (entry, k)
         if is_written and hi > end_written:
             end_written, last_written = hi, (entry, k)
+
+
+def offset_arg(offset) -> int:
+    """A global flat index of element 0 (DARE's `offset=`): an int >= 0."""
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return offset

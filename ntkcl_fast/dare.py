@@ -223,14 +223,6 @@ def _run(name: str, out, fin, base, p: float, q: float, q_rows, rescale: str, se
     return _run_one(name, out, fin, base, p, 1.0 if rescale == "none" else q, q_rows, seed, key, offset)
 
 
-def _offset_arg(offset) -> int:
-    if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    return offset
-
-
 # ------------------------------------------------------------------------------------- public API
 
 def dare_mask(shape, p: float, *, seed: int = 0, key: int = 0, offset: int = 0, device=None,
@@ -240,7 +232,7 @@ def dare_mask(shape, p: float, *, seed: int = 0, key: int = 0, offset: int = 0, 
     shape = _shape_arg(shape)
     p = _validate.unit_interval(p, "p")
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
-    offset = _offset_arg(offset)
+    offset = _validate.offset_arg(offset)
     device = torch.device(device) if device is not None else torch.device("cpu")
     name = _backend.resolve(backend, device, "dare_")
     if name == "torch":
@@ -268,7 +260,7 @@ def dare(finetuned, base, p: float, *, q=None, rescale: str = "density", seed: i
     rescale = _rescale_arg(rescale, q)
     qv, q_rows = _q_arg(q, p, finetuned)
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
-    offset = _offset_arg(offset)
+    offset = _validate.offset_arg(offset)
     out = _out_arg(out, finetuned, base)
     name = _backend.resolve(backend, finetuned.device, "dare_")
     return _run(name, out, finetuned, base, p, qv, q_rows, rescale, seed, key, offset)
@@ -286,7 +278,7 @@ def dare_delta_(delta, p: float, *, q=None, rescale: str = "density", seed: int 
     rescale = _rescale_arg(rescale, q)
     qv, q_rows = _q_arg(q, p, delta)
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
-    offset = _offset_arg(offset)
+    offset = _validate.offset_arg(offset)
     name = _backend.resolve(backend, delta.device, "dare_")
     return _run(name, delta, delta, None, p, qv, q_rows, rescale, seed, key, offset)
 

@@ -61,10 +61,13 @@ def main() -> int:
         meta = {"E": dt, "ACC": acc, "IS_F64": dt == tl.float64}
         data = {"base": _ptr(dt), "ptrs": "*i64"}
         for linear, sparsify, rescale, consensus, normalize, split in VARIANTS if acc == dt else VARIANTS[5:6]:
-            compile_one(tm._merge_kernel, {"out": _ptr(dt), **data, "fparams": _ptr(acc), "iparams": "*i64",
-                                           "ties_before": "*i64", "n": "i64", "n_blocks": "i64"},
-                        {"N": 3, **meta, "LINEAR": linear, "SPARSIFY": sparsify, "RESCALE": rescale,
-                         "CONSENSUS": consensus, "NORMALIZE": normalize, "SPLIT": split, "BLOCK": tm.BLOCK})
+            # DARE's draws: offsets at a group of 4 (one Philox call per 4 elements) and not
+            for aligned in (True, False) if sparsify == 2 else (True,):
+                compile_one(tm._merge_kernel, {"out": _ptr(dt), **data, "fparams": _ptr(acc), "iparams": "*i64",
+                                               "ties_before": "*i64", "n": "i64", "n_blocks": "i64", "offset": "i64"},
+                            {"N": 3, **meta, "LINEAR": linear, "SPARSIFY": sparsify, "RESCALE": rescale,
+                             "CONSENSUS": consensus, "NORMALIZE": normalize, "SPLIT": split, "ALIGNED": aligned,
+                             "BLOCK": tm.BLOCK})
         if acc != dt:
             print(f"{dt}: ok", flush=True)
             continue
@@ -73,10 +76,11 @@ def main() -> int:
                         {"S": 2, "SHIFT": shift, "FIRST": first, **meta, "BLOCK": tm.BLOCK})
         compile_one(tm._tie_count_kernel, {**data, "thresholds": "*i64", "counts": "*i64", "n": "i64",
                                            "n_blocks": "i64"}, {"S": 2, **meta, "BLOCK": tm.BLOCK})
-        compile_one(tm._l1_kernel, {**data, "iparams": "*i64", "full": "*fp64", "kept": "*fp64", "n": "i64",
-                                    "n_chunks": "i64", "S": "i32"},
-                    {"E": dt, "ACC": acc, "CHUNK": tm.L1_CHUNK, "TILE": tm.L1_TILE, "LANES": tm.L1_LANES,
-                     "TILES": tm.L1_CHUNK // tm.L1_TILE})
+        for aligned in (True, False):
+            compile_one(tm._l1_kernel, {**data, "iparams": "*i64", "full": "*fp64", "kept": "*fp64", "n": "i64",
+                                        "n_chunks": "i64", "S": "i32", "offset": "i64"},
+                        {"E": dt, "ACC": acc, "CHUNK": tm.L1_CHUNK, "TILE": tm.L1_TILE, "LANES": tm.L1_LANES,
+                         "TILES": tm.L1_CHUNK // tm.L1_TILE, "ALIGNED": aligned})
         print(f"{dt}: ok", flush=True)
     print("every merge_tensors Triton kernel compiles for sm_80 and sm_90, without float FMA or inexact division")
     return 0

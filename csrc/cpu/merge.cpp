@@ -74,17 +74,20 @@ struct ModelPlan {
   Acc scale = 1;
 };
 
-// t[0, n) <- model p's sparsified, rescaled delta at flat [pos, pos + n) from its delta d.
-// `seen`: ties at the threshold met so far in this chunk's order (starts at ties_before).
+// t[0, n) <- model p's sparsified, rescaled delta at flat [pos, pos + n) from its delta d; DARE
+// draws the global index `offset` + pos + j. `seen`: ties at the threshold met so far in this
+// chunk's order (starts at ties_before).
 template <typename Acc>
-void sparsify_tile(const ModelPlan<Acc>& p, const Acc* d, int64_t pos, int64_t n, uint64_t seed,
-                                     int64_t& seen, Acc* t) {
+void sparsify_tile(const ModelPlan<Acc>& p, const Acc* d, int64_t pos, int64_t n, uint64_t seed, int64_t offset,
+                   int64_t& seen, Acc* t) {
   using Mask = Key<Acc>;
   alignas(64) Mask keep[kTile];
   if (p.keep == Keep::kRandom) {
-    alignas(64) uint32_t u[kTile];
-    cpu::fill_dare_draws(u, pos, n, p.key, seed);
-    for (int64_t j = 0; j < n; ++j) keep[j] = u[j] >= p.draw_threshold ? ~Mask{0} : Mask{0};
+    // draws start at the aligned group of the global index: `shift` leading words are earlier elements'
+    alignas(64) uint32_t u[kTile + 4];
+    const int64_t global = pos + offset, shift = global & 3;
+    cpu::fill_dare_draws(u, global - shift, n + shift, p.key, seed);
+    for (int64_t j = 0; j < n; ++j) keep[j] = u[shift + j] >= p.draw_threshold ? ~Mask{0} : Mask{0};
   } else if (p.keep == Keep::kMagnitude) {
     const Key<Acc> th = p.threshold;
     if (p.all_ties) {
@@ -212,13 +215,13 @@ void select_thresholds(const cpu::ChunkPlan& chunks, const at::Tensor& base, at:
 // plan order: one summation order at every thread count.
 template <typename Acc>
 void l1_scales(const cpu::ChunkPlan& chunks, const at::Tensor& base, at::TensorList models,
-               const std::vector<size_t>& which, uint64_t seed, std::vector<ModelPlan<Acc>>& plans) {
+               const std::vector<size_t>& which, uint64_t seed, int64_t offset, std::vector<ModelPlan<Acc>>& plans) {
   const size_t sel = which.size();
   std::vector<double> full(chunks.size() * sel, 0.0), part(chunks.size() * sel, 0.0);
   for_deltas<Acc>(chunks, base, models, which, [&](int64_t c, size_t s, int64_t pos, int64_t n, const Acc* d) {
     alignas(64) Acc t[kTile];
     int64_t no_ties = 0;
-    sparsify_tile(plans[which[s]], d, pos, n, seed, no_ties, t);  // keep only: not rescaled yet
+    sparsify_tile(plans[which[s]], d, pos, n, seed, offset, no_ties, t);  // keep only: not rescaled yet
     double lane_full[kLanes] = {}, lane_part[kLanes] = {};
     for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
       const int64_t m = std::min<int64_t>(kLanes, n - j0);
@@ -323,6 +326,7 @@ struct Args {
   double lam;
   bool normalize;
   uint64_t seed, key;
+  int64_t offset;  // global flat index of element 0 (a shard's place in the whole tensor)
 };
 
 template <typename Acc>
@@ -355,7 +359,7 @@ void run_merge(const Args& a, const at::Tensor& out) {
     }
   }
   if (!select.empty()) select_thresholds(chunks, *a.base, a.models, select, ks, plans);
-  if (!l1.empty()) l1_scales(chunks, *a.base, a.models, l1, a.seed, plans);
+  if (!l1.empty()) l1_scales(chunks, *a.base, a.models, l1, a.seed, a.offset, plans);
 
   std::vector<Acc> w(n_models);
   Acc divisor = 0;
@@ -389,7 +393,7 @@ void run_merge(const Args& a, const at::Tensor& out) {
           continue;
         }
         for (int64_t j = 0; j < n; ++j) d[j] = m[j] - b[j];
-        sparsify_tile(plans[i], d, pos, n, a.seed, seen[i], t);
+        sparsify_tile(plans[i], d, pos, n, a.seed, a.offset, seen[i], t);
         weigh(t, w[i], n, e.data() + i * kTile);
       }
       mix_tile(e.data(), w.data(), n_models, b, n, how, divisor, lam, out_tile.open(pos));
@@ -400,7 +404,8 @@ void run_merge(const Args& a, const at::Tensor& out) {
 
 Args parse_args(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
                 at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
-                c10::string_view rescale, int64_t seed, int64_t key) {
+                c10::string_view rescale, int64_t seed, int64_t key, int64_t offset) {
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
   return Args{base.has_value() && base->defined() ? &*base : nullptr,
               models,
               parse_merge_method(std::string_view(method.data(), method.size())),
@@ -410,7 +415,8 @@ Args parse_args(const std::optional<at::Tensor>& base, at::TensorList models, c1
               lam,
               normalize,
               static_cast<uint64_t>(seed),
-              static_cast<uint64_t>(key)};
+              static_cast<uint64_t>(key),
+              offset};
 }
 
 void run(const Args& a, const at::Tensor& out) {
@@ -420,8 +426,8 @@ void run(const Args& a, const at::Tensor& out) {
 
 at::Tensor merge_tensors_cpu(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
                              at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
-                             c10::string_view rescale, int64_t seed, int64_t key) {
-  const Args a = parse_args(base, models, method, weights, densities, lam, normalize, rescale, seed, key);
+                             c10::string_view rescale, int64_t seed, int64_t key, int64_t offset) {
+  const Args a = parse_args(base, models, method, weights, densities, lam, normalize, rescale, seed, key, offset);
   const at::Tensor& like = check_merge_args(a.base, models, a.method, weights, densities, lam, c10::DeviceType::CPU);
   at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
   run(a, out);
@@ -430,8 +436,9 @@ at::Tensor merge_tensors_cpu(const std::optional<at::Tensor>& base, at::TensorLi
 
 void merge_tensors_into_cpu(const at::Tensor& out, const std::optional<at::Tensor>& base, at::TensorList models,
                             c10::string_view method, at::ArrayRef<double> weights, at::ArrayRef<double> densities,
-                            double lam, bool normalize, c10::string_view rescale, int64_t seed, int64_t key) {
-  const Args a = parse_args(base, models, method, weights, densities, lam, normalize, rescale, seed, key);
+                            double lam, bool normalize, c10::string_view rescale, int64_t seed, int64_t key,
+                            int64_t offset) {
+  const Args a = parse_args(base, models, method, weights, densities, lam, normalize, rescale, seed, key, offset);
   const at::Tensor& like = check_merge_args(a.base, models, a.method, weights, densities, lam, c10::DeviceType::CPU);
   check_merge_out(like, a.base, models, out);
   run(a, out);

@@ -16,13 +16,13 @@ RANDOM = ("dare_linear", "dare_ties")
 RESCALES = ("density", "l1", "none")
 
 
-def _merge_fake(base, models, method, weights, densities, lam, normalize, rescale, seed, key):
+def _merge_fake(base, models, method, weights, densities, lam, normalize, rescale, seed, key, offset=0):
     like = base if base is not None else models[0]
     torch._check(len(models) == len(weights) == len(densities), lambda: "one weight and density per model")
     return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
-def _merge_into_fake(out, base, models, method, weights, densities, lam, normalize, rescale, seed, key):
+def _merge_into_fake(out, base, models, method, weights, densities, lam, normalize, rescale, seed, key, offset=0):
     return None
 
 
@@ -72,10 +72,12 @@ def _check_op_args(base, models, method, weights, densities, lam, rescale) -> No
 @torch.library.custom_op(f"{_backend.TRITON_NAMESPACE}::merge_tensors", mutates_args=())
 def _triton_merge_tensors(base: torch.Tensor | None, models: list[torch.Tensor], method: str, weights: list[float],
                           densities: list[float], lam: float, normalize: bool, rescale: str, seed: int,
-                          key: int) -> torch.Tensor:
+                          key: int, offset: int = 0) -> torch.Tensor:
     _check_op_args(base, models, method, weights, densities, lam, rescale)
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
     from ..triton.merge import merge_tensors as launch
-    return launch(base, models, method, weights, densities, lam, normalize, rescale, seed, key)
+    return launch(base, models, method, weights, densities, lam, normalize, rescale, seed, key, offset)
 
 
 _triton_merge_tensors.register_fake(_merge_fake)
@@ -140,14 +142,17 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: float = 1.0, normalize=None,
-                  rescale=None, seed: int = 0, key: int = 0, backend: str = "auto", out=None) -> torch.Tensor:
+                  rescale=None, seed: int = 0, key: int = 0, backend: str = "auto", out=None,
+                  offset: int = 0) -> torch.Tensor:
     """One tensor of a merge of `models` into `base` by mergekit's `method` (API.md).
 
     `weight` and `density`: a float or one per model. `normalize` None takes the method's
     default (True for linear and ties), `rescale` None "density" for the dare_* methods. `key`
     replaces `tensor_key(name)`: model i draws its DARE mask under key + i. `base` may be None
     for linear. `out`: a contiguous tensor of the result's shape, dtype and device, sharing no
-    memory with the inputs, written and returned instead of a new tensor.
+    memory with the inputs, written and returned instead of a new tensor. `offset`: flat element
+    j draws its DARE mask as global element offset + j (a shard's place in the whole tensor);
+    DTensor arguments take their shards' offsets themselves.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -169,6 +174,7 @@ def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: fl
     elif rescale not in RESCALES:
         raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
+    offset = _validate.offset_arg(offset)
     if out is not None:
         _check_out(out, like, models if base is None else [base, *models])
     name = _backend.resolve(backend, like.device, "merge_tensors")
@@ -176,10 +182,10 @@ def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: fl
         return torch.empty_like(like) if out is None else out
     if name == "torch":
         merged = reference.merge_tensors(base, models, method, weights, densities, lam, normalize, rescale, seed,
-                                         key).reshape(like.shape)
+                                         key, offset).reshape(like.shape)
         return merged if out is None else out.copy_(merged)
     args = (None if base is None else base.contiguous(), _backend.dense(models), method, weights, densities, lam,
-            normalize, rescale, as_i64(seed), as_i64(key))
+            normalize, rescale, as_i64(seed), as_i64(key), offset)
     if out is not None and name == "cpu":
         torch.ops.ntkcl_fast.merge_tensors_into_(out, *args)
         return out

@@ -14,8 +14,9 @@ from .dare import keep_mask, l1_rescaled, magnitude_keep
 CONSENSUS = ("ties", "dare_ties")
 
 
-def _sparsify(delta: torch.Tensor, method: str, density: float, rescale: str, seed: int, key: int) -> torch.Tensor:
-    """The sparsified delta t_i of one model (acc dtype)."""
+def _sparsify(delta: torch.Tensor, method: str, density: float, rescale: str, seed: int, key: int,
+              offset: int) -> torch.Tensor:
+    """The sparsified delta t_i of one model (acc dtype); DARE draws element j as global offset + j."""
     zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
     if method == "ties":
         if density >= 1:
@@ -24,7 +25,7 @@ def _sparsify(delta: torch.Tensor, method: str, density: float, rescale: str, se
         keep = magnitude_keep(delta, k).reshape(delta.shape)
         return torch.where(keep, delta, zero)
     if method in ("dare_linear", "dare_ties"):
-        keep = keep_mask(delta.shape, 1.0 - density, seed, key, delta.device)
+        keep = keep_mask(delta.shape, 1.0 - density, seed, key, delta.device, offset=offset)
         kept = torch.where(keep, delta, zero)
         if rescale == "density":
             return kept / density if density > 0 else kept
@@ -43,7 +44,7 @@ def _fold(terms, like: torch.Tensor) -> torch.Tensor:
 
 
 def merge_tensors(base, models, method: str, weights, densities, lam: float, normalize: bool, rescale: str,
-                  seed: int, key: int) -> torch.Tensor:
+                  seed: int, key: int, offset: int = 0) -> torch.Tensor:
     """`weights`, `densities`: one float per model; arguments already checked."""
     like = base if base is not None else models[0]
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
@@ -58,7 +59,7 @@ def merge_tensors(base, models, method: str, weights, densities, lam: float, nor
             mixed = mixed / torch.where(div.abs() < 1e-8, one, div)
         return mixed.to(like.dtype)
     b = base.to(acc)
-    e = [_sparsify(m - b, method, r, rescale, seed, (key + i) & M64) * wi
+    e = [_sparsify(m - b, method, r, rescale, seed, (key + i) & M64, offset) * wi
          for i, (m, r, wi) in enumerate(zip(ms, densities, w))]
     if method in CONSENSUS:
         positive = _fold(e, b) >= 0

@@ -61,14 +61,30 @@ def _load_model(ptrs, i, offs, mask, E: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _draws(start, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr):
-    """The DARE words of flat elements [start, start + BLOCK), start a multiple of 4 (triton/dare.py)."""
-    G: tl.constexpr = BLOCK // 4
-    j = (start >> 2) + tl.arange(0, G).to(tl.int64)
-    zero = tl.zeros([G], dtype=tl.uint32)
+def _draw_each(g, key_lo, key_hi, seed_lo, seed_hi):
+    """The DARE word of each global flat index in g (any shape): one Philox call per element, its
+    own word picked; for indices that do not start at a group of 4."""
+    j = g >> 2
+    zero = tl.zeros_like(g).to(tl.uint32)
     u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), zero + key_lo, zero + key_hi,
                                    zero + seed_lo, zero + seed_hi)
-    return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
+    lane = g & 3
+    return tl.where(lane == 0, u0, tl.where(lane == 1, u1, tl.where(lane == 2, u2, u3)))
+
+
+@triton.jit
+def _draws(start, key_lo, key_hi, seed_lo, seed_hi, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """The DARE words of global flat elements [start, start + BLOCK); ALIGNED (start a multiple of
+    4) shares one Philox call among 4 elements (triton/dare.py)."""
+    if ALIGNED:
+        G: tl.constexpr = BLOCK // 4
+        j = (start >> 2) + tl.arange(0, G).to(tl.int64)
+        zero = tl.zeros([G], dtype=tl.uint32)
+        u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), zero + key_lo, zero + key_hi,
+                                       zero + seed_lo, zero + seed_hi)
+        return tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [BLOCK])
+    else:
+        return _draw_each(start + tl.arange(0, BLOCK).to(tl.int64), key_lo, key_hi, seed_lo, seed_hi)
 
 
 @triton.jit
@@ -93,13 +109,14 @@ def _store(out, offs, mask, res, E: tl.constexpr):
 
 
 @triton.jit
-def _merge_kernel(out, base, ptrs, fparams, iparams, ties_before, n, n_blocks, N: tl.constexpr, E: tl.constexpr,
-                  ACC: tl.constexpr, IS_F64: tl.constexpr, LINEAR: tl.constexpr, SPARSIFY: tl.constexpr,
-                  RESCALE: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, SPLIT: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _merge_kernel(out, base, ptrs, fparams, iparams, ties_before, n, n_blocks, offset, N: tl.constexpr,
+                  E: tl.constexpr, ACC: tl.constexpr, IS_F64: tl.constexpr, LINEAR: tl.constexpr,
+                  SPARSIFY: tl.constexpr, RESCALE: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
+                  SPLIT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """fparams (ACC): weights[N], density divisors[N], l1 scales[N], lam, guarded sum of weights.
     iparams (int64): key low words[N], key high words[N], thresholds[N] (draw or magnitude key),
-    tie rooms[N], seed low, seed high. ties_before[i, block]: model i's ties in earlier blocks."""
+    tie rooms[N], seed low, seed high. ties_before[i, block]: model i's ties in earlier blocks.
+    Element j draws by its global index offset + j (ALIGNED: offset % 4 == 0)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
@@ -128,8 +145,8 @@ def _merge_kernel(out, base, ptrs, fparams, iparams, ties_before, n, n_blocks, N
                     keep = key >= th
                 t = tl.where(keep, d, 0.0)
             if SPARSIFY == 2:
-                u = _draws(pid * BLOCK, tl.load(iparams + i).to(tl.uint32), tl.load(iparams + N + i).to(tl.uint32),
-                           seed_lo, seed_hi, BLOCK)
+                u = _draws(offset + pid * BLOCK, tl.load(iparams + i).to(tl.uint32),
+                           tl.load(iparams + N + i).to(tl.uint32), seed_lo, seed_hi, BLOCK, ALIGNED)
                 t = tl.where(u.to(tl.int64) >= tl.load(iparams + 2 * N + i), d, 0.0)
                 if RESCALE == 1:
                     t = _div(t, tl.load(fparams + N + i), IS_F64)
@@ -203,13 +220,14 @@ def _fold_columns(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _l1_kernel(base, ptrs, iparams, full, kept, n, n_chunks, S, E: tl.constexpr, ACC: tl.constexpr,
-               CHUNK: tl.constexpr, TILE: tl.constexpr, LANES: tl.constexpr, TILES: tl.constexpr):
+def _l1_kernel(base, ptrs, iparams, full, kept, n, n_chunks, S, offset, E: tl.constexpr, ACC: tl.constexpr,
+               CHUNK: tl.constexpr, TILE: tl.constexpr, LANES: tl.constexpr, TILES: tl.constexpr,
+               ALIGNED: tl.constexpr):
     """full[s, chunk], kept[s, chunk]: this chunk's ||d_s||_1 and ||kept d_s||_1 in fp64, summed
     as the CPU kernel does: lane l of a tile adds elements l, l + LANES, ... in order, the lanes
     are added in order, the tiles in order. The first TILES tiles of the chunk (all, unless the
     tensor is shorter than a chunk: missing tiles would add +0, which changes no sum).
-    iparams as in _merge_kernel with N = S."""
+    iparams and offset as in _merge_kernel with N = S."""
     G: tl.constexpr = LANES // 4  # Philox calls per row of a tile
     c = tl.program_id(0).to(tl.int64)
     tiles = tl.arange(0, TILES)[:, None].to(tl.int64)
@@ -229,9 +247,15 @@ def _l1_kernel(base, ptrs, iparams, full, kept, n, n_chunks, S, E: tl.constexpr,
             offs = row + lanes
             mask = offs < n
             d = _load_model(ptrs, s, offs, mask, E, ACC) - tl.load(base + offs, mask=mask, other=0.0).to(ACC)
-            j = (row >> 2) + groups
-            u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), key_lo, key_hi, seed_lo, seed_hi)
-            u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [TILES, LANES])
+            if ALIGNED:
+                j = ((offset + row) >> 2) + groups
+                u0, u1, u2, u3 = philox4x32_10(j.to(tl.uint32), (j >> 32).to(tl.uint32), key_lo, key_hi, seed_lo,
+                                               seed_hi)
+                u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), [TILES, LANES])
+            else:
+                u = _draw_each(offset + offs, tl.load(iparams + s).to(tl.uint32),
+                               tl.load(iparams + S + s).to(tl.uint32), tl.load(iparams + 4 * S).to(tl.uint32),
+                               tl.load(iparams + 4 * S + 1).to(tl.uint32))
             a = tl.abs(d.to(tl.float64))
             lane_full = lane_full + a
             lane_kept = lane_kept + tl.where(u.to(tl.int64) >= th, a, 0.0)
@@ -306,7 +330,8 @@ def _magnitude_plan(base, models, densities: list[float], meta: dict):
     return th, rooms, ties_before
 
 
-def _l1_scales(base, models, keys: list[int], thresholds: list[int], seed: int, meta: dict, acc) -> list[float]:
+def _l1_scales(base, models, keys: list[int], thresholds: list[int], seed: int, offset: int, meta: dict,
+               acc) -> list[float]:
     """||d_i||_1 / ||kept d_i||_1 in the CPU kernel's order and rounding, 1 when either is below 1e-7
     (a NaN norm is not below it: NaN scale, as csrc/cpu/merge.cpp and reference.dare.l1_rescaled)."""
     n, device, s = base.numel(), base.device, len(models)
@@ -314,9 +339,10 @@ def _l1_scales(base, models, keys: list[int], thresholds: list[int], seed: int, 
     full = torch.empty(s, n_chunks, dtype=torch.float64, device=device)
     kept = torch.empty_like(full)
     _l1_kernel[(n_chunks,)](base, _pointers(models, device), _int_params(keys, thresholds, [0] * s, seed, device),
-                            full, kept, n, n_chunks, S=s, E=meta["E"], ACC=meta["ACC"], CHUNK=L1_CHUNK,
+                            full, kept, n, n_chunks, s, offset, E=meta["E"], ACC=meta["ACC"], CHUNK=L1_CHUNK,
                             TILE=L1_TILE, LANES=L1_LANES,
-                            TILES=triton.next_power_of_2(triton.cdiv(min(n, L1_CHUNK), L1_TILE)), **FAST_MATH_OFF)
+                            TILES=triton.next_power_of_2(triton.cdiv(min(n, L1_CHUNK), L1_TILE)),
+                            ALIGNED=offset % 4 == 0, **FAST_MATH_OFF)
     # chunks added in order from +0: add.accumulate is a strictly sequential fold
     f = np.add.accumulate(full.cpu().numpy(), axis=1)[:, -1]
     k = np.add.accumulate(kept.cpu().numpy(), axis=1)[:, -1]
@@ -330,9 +356,10 @@ def _l1_scales(base, models, keys: list[int], thresholds: list[int], seed: int, 
 
 def merge_tensors(base: torch.Tensor | None, models: list[torch.Tensor], method: str, weights: list[float],
                   densities: list[float], lam: float, normalize: bool, rescale: str, seed: int,
-                  key: int) -> torch.Tensor:
+                  key: int, offset: int = 0) -> torch.Tensor:
     """Contiguous, validated tensors of one device (see ntkcl_fast.merge); `seed`, `key` as the
-    schema's int64 bits. A new tensor of the base's (models[0]'s for linear) shape and dtype."""
+    schema's int64 bits; element j draws by global index offset + j. A new tensor of the base's
+    (models[0]'s for linear) shape and dtype."""
     like = base if base is not None else models[0]
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     n, device, nm = out.numel(), like.device, len(models)
@@ -352,7 +379,7 @@ def merge_tensors(base: torch.Tensor | None, models: list[torch.Tensor], method:
         if rescale == "density":
             divisors = [r if r > 0 else 1.0 for r in densities]
         elif rescale == "l1":
-            scales = _l1_scales(base, models, keys, th, seed, meta, acc)
+            scales = _l1_scales(base, models, keys, th, seed, offset, meta, acc)
     iparams = _int_params(keys, th, rooms, seed, device)
     if sparsify == 1:
         th_dev, rooms_dev, ties_before = _magnitude_plan(base, models, densities, meta)
@@ -368,8 +395,9 @@ def merge_tensors(base: torch.Tensor | None, models: list[torch.Tensor], method:
                                         dtype=acc)).to(device)
     n_blocks = triton.cdiv(n, BLOCK)
     _merge_kernel[(n_blocks,)](out, base if base is not None else out, _pointers(models, device), fparams, iparams,
-                               ties_before if ties_before is not None else iparams, n, n_blocks, N=nm,
+                               ties_before if ties_before is not None else iparams, n, n_blocks, offset, N=nm,
                                LINEAR=linear, SPARSIFY=sparsify, RESCALE=RESCALE[rescale] if sparsify == 2 else 0,
                                CONSENSUS=method in ("ties", "dare_ties"), NORMALIZE=normalize,
-                               SPLIT=ties_before is not None, BLOCK=BLOCK, **meta, **FAST_MATH_OFF)
+                               SPLIT=ties_before is not None, ALIGNED=offset % 4 == 0, BLOCK=BLOCK, **meta,
+                               **FAST_MATH_OFF)
     return out
