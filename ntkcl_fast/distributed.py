@@ -250,6 +250,46 @@ def dare_delta_(delta, p, q, rescale, seed, key, offset, backend: str):
     return delta
 
 
+# ------------------------------------------------------------------------------ merge_tensors
+
+def merge_tensors(base, models, out, offset: int, method: str, densities: list[float], rescale: str, plain):
+    """merge_tensors on DTensors; `plain(base, models, out=, offset=)` merges plain tensors.
+
+    The methods without a statistic (linear, task_arithmetic, dare_* with rescale density or
+    none) merge the local shards with no communication, DARE by the shards' global offsets.
+    ties with a density below 1 and rescale="l1" need each model's statistic over the whole
+    tensor (its magnitude threshold, its two L1 norms): the full tensors are gathered, merged on
+    every rank and the local shard kept, one all-gather per input. Either way the result equals
+    the unsharded merge bit for bit."""
+    like, like_name = (base, "base") if base is not None else (models[0], "models[0]")
+    if offset != 0:
+        raise ValueError(f"offset must be 0 for a DTensor {like_name}: its shards take their global offsets")
+    check_placements(like, like_name)
+    for i, m in enumerate(models):
+        check_pair(like, like_name, m, f"models[{i}]")
+    if out is not None:
+        check_pair(like, like_name, out, "out")
+    whole = (method == "ties" and any(r < 1.0 for r in densities)) or (method.startswith("dare") and rescale == "l1")
+    if whole:
+        merged = plain(None if base is None else base.full_tensor(), [m.full_tensor() for m in models])
+        local = _local_part(merged, like).contiguous()
+        if out is None:
+            return wrap_like(local, like)
+        out.to_local().copy_(local)
+        return out
+    start = flat_offset(like, like_name) if method.startswith("dare") else 0
+    res = plain(None if base is None else base.to_local(), [m.to_local() for m in models],
+                out=None if out is None else out.to_local(), offset=start)
+    return out if out is not None else wrap_like(res, like)
+
+
+def _local_part(full: torch.Tensor, like) -> torch.Tensor:
+    """The block of `full` that `like`'s local shard holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offsets = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offsets, shape))]
+
+
 # ------------------------------------------------------------------------------ EWC on FSDP2 models
 
 def fsdp_params(model: torch.nn.Module, names: list[str]):

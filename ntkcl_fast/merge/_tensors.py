@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _backend, _validate
+from .. import _backend, _validate, distributed
 from ..random import as_i64, as_u64
 from ..reference import merge as reference
 
@@ -175,6 +175,12 @@ def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: fl
         raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     seed, key = as_u64(seed, "seed"), as_u64(key, "key")
     offset = _validate.offset_arg(offset)
+    if distributed.is_dtensor(like):
+        def plain(b, ms, out=None, offset=0):
+            return merge_tensors(b, ms, method=method, weight=weights, density=densities, lam=lam, normalize=normalize,
+                                 rescale=rescale if method in RANDOM else None, seed=seed, key=key, backend=backend, out=out,
+                                 offset=offset)
+        return distributed.merge_tensors(base, models, out, offset, method, densities, rescale, plain)
     if out is not None:
         _check_out(out, like, models if base is None else [base, *models])
     name = _backend.resolve(backend, like.device, "merge_tensors")
