@@ -70,16 +70,40 @@ def wrap_like(local: torch.Tensor, like) -> torch.Tensor:
 def flat_offset(t, name: str) -> int:
     """Global row-major flat index of the local shard's first element. The shard must be one
     contiguous range of the flat tensor: sharded along dim 0 only (FSDP2's Shard(0), uneven
-    shards included), or replicated."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shards included), or replicated.
+
+    Computed from the mesh coordinate with DTensor's own chunking (ceil-sized chunks, the last
+    ones short or empty) in Python ints, so torch.compile sees a constant rather than the
+    data-dependent value compute_local_shape_and_global_offset gives it; other Shard kinds
+    (_StridedShard) take that function."""
+    from torch.distributed.tensor import Shard
     check_placements(t, name)
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (its flat index is the row-major one)")
+    mesh, coordinate = t.device_mesh, t.device_mesh.get_coordinate()
+    row_size = math.prod(t.shape[1:]) if t.dim() else 0
+    if coordinate is None or any(isinstance(p, Shard) and type(p) is not Shard for p in t.placements):
+        return _torch_flat_offset(t, name, row_size)
+    start, length = 0, t.shape[0] if t.dim() else 1
+    for mesh_dim, p in enumerate(t.placements):
+        if not isinstance(p, Shard) or mesh.size(mesh_dim) == 1:
+            continue
+        if p.dim != 0:
+            raise ValueError(f"{name} is sharded along a dim other than 0 (placements {tuple(t.placements)}); "
+                             "DARE needs each local shard to be one range of the flat tensor")
+        chunk = -(-length // mesh.size(mesh_dim))
+        begin = min(chunk * coordinate[mesh_dim], length)
+        start, length = start + begin, min(begin + chunk, length) - begin
+    return start * row_size
+
+
+def _torch_flat_offset(t, name: str, row_size: int) -> int:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     local_shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     if tuple(local_shape[1:]) != tuple(t.shape[1:]):
         raise ValueError(f"{name} is sharded along a dim other than 0 (placements {tuple(t.placements)}); "
                          "DARE needs each local shard to be one range of the flat tensor")
-    return offsets[0] * math.prod(t.shape[1:]) if t.dim() else 0
+    return offsets[0] * row_size if t.dim() else 0
 
 
 def _shard_dims(t) -> tuple[int, ...]:
