@@ -43,10 +43,18 @@ def pairs(ema_module: torch.nn.Module, model: torch.nn.Module, persistent_only: 
 
 class Group:
     """One device's averaged pairs. `moves`: some src lives on another device (copied over each
-    call); `low` / `rest`: indices that are / are not rounded stochastically."""
+    call); `low` / `rest`: indices that are / are not rounded stochastically. `staged`: an
+    average in host memory of a model on one CUDA device, fetched through pinned buffers
+    (_host_staging.py)."""
 
     def __init__(self, device: torch.device):
         self.device, self.ema, self.src, self.moves, self.low, self.rest = device, [], [], False, [], []
+        self.staged = False
+
+    def finish(self) -> None:
+        devices = {s.device for s in self.src}
+        self.staged = (self.device.type == "cpu" and not self.low and len(devices) == 1
+                       and next(iter(devices)).type == "cuda" and all(e.is_contiguous() for e in self.ema))
 
 
 class UpdatePlan:
@@ -95,6 +103,8 @@ class UpdatePlan:
             group.src.append(s)
             group.moves |= s.device != e.device
         self.groups = list(groups.values())
+        for group in self.groups:
+            group.finish()
         if keyed:
             modules = list(ema_module.modules()) + list(model.modules())
             self.dicts = [d for m in modules for d in (m._parameters, m._buffers, m._modules)]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _backend, _validate, distributed, distributed_ema
+from ._host_staging import HostStaging
 from ._model_ema_plan import UpdatePlan, buffers as _buffers, pairs as _pairs
 from ._value_checks import checked_values
 from .random import as_i64, as_u64, philox_words
@@ -262,6 +263,11 @@ class ModelEMA(torch.nn.Module):
             return
         plan = self._plan_for(model)
         for group in plan.groups:
+            if group.staged:  # chunks copied to pinned memory on a side stream while the last is averaged
+                staging = self.__dict__.get("_staging") or self.__dict__.setdefault("_staging", HostStaging())
+                for ema_part, src_part in staging.chunks(group.src, group.ema):
+                    ema_update_(ema_part, src_part, decay, backend=self.backend)
+                continue
             ema_list = group.ema
             src_list = [s.to(group.device) for s in group.src] if group.moves else group.src
             if not group.low:
@@ -282,6 +288,7 @@ class ModelEMA(torch.nn.Module):
         """deepcopy and pickle leave the cached plan behind: it holds the live model's tensors."""
         state = self.__dict__.copy()
         state["_plan"] = None
+        state.pop("_staging", None)  # pinned buffers and streams: made again on the next update
         return state
 
     @torch.no_grad()
