@@ -2,7 +2,7 @@
 bit for bit (API.md: the output is bit-identical for every backend and device): every method,
 rescale and dtype, odd sizes, densities 0 / 0.3 / 1, model counts on both sides of the number of
 terms a thread keeps in registers (8 for fp32 math, 4 for fp64), split ties with NaN and inf, l1
-norms over several chunks, and the argument checks of the CUDA op."""
+norms over several chunks, opcheck and the argument checks of the CUDA op."""
 from __future__ import annotations
 
 import pytest
@@ -117,6 +117,13 @@ def test_cuda_empty_and_strided_inputs():
     kw = dict(method="dare_ties", weight=[0.7, 0.6], density=[0.5, 0.8], seed=2, key=1)
     got = merge_tensors(base.t().cuda(), [m.cuda() for m in strided], backend="cuda", **kw)
     _same_bits(got.contiguous(), merge_tensors(base.t(), strided, backend="cpu", **kw))
+
+
+def test_cuda_op_passes_opcheck():
+    base, models = _inputs(2, (5, 7), torch.float32)
+    for method, rescale in (("dare_ties", "l1"), ("ties", "none")):
+        args = (base.cuda(), [m.cuda() for m in models], method, [0.6, 0.4], [0.5, 0.8], 0.9, True, rescale, 1, 2)
+        torch.library.opcheck(torch.ops.ntkcl_fast.merge_tensors.default, args)
 
 
 def test_cuda_op_rejects_bad_arguments():

@@ -297,22 +297,22 @@ __device__ __forceinline__ void count_in_bin(unsigned long long* hist, unsigned 
   }
 }
 
-// hist[s, digit] += keys of model s whose higher digits equal prefix[s] (all keys when first).
+// hist[s, digit] += keys of model s whose higher digits equal prefix[s] (all keys at the top level).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) histogram_kernel(const T* base, const void* const* models,
                                                              const int64_t* prefix, unsigned long long* hist,
-                                                             int64_t n, int64_t n_models, int shift, bool first) {
+                                                             int64_t n, int64_t n_models, int shift, bool top_level) {
   using Acc = AccOf<T>;
   const int64_t i0 = first_item();
   Acc b[kItems], d[kItems];
   load_items(base, i0, n, b);
   for (int64_t s = 0; s < n_models; ++s) {
     load_deltas<T>(models[s], i0, n, b, d);
-    const uint64_t want = first ? 0 : static_cast<uint64_t>(prefix[s]);
+    const uint64_t want = top_level ? 0 : static_cast<uint64_t>(prefix[s]);
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {
       const uint64_t key = magnitude_key(d[j]);
-      const bool counted = i0 + j < n && (first || (key >> (shift + kDigitBits)) == want);
+      const bool counted = i0 + j < n && (top_level || (key >> (shift + kDigitBits)) == want);
       count_in_bin(hist + s * kBins, counted ? static_cast<unsigned>((key >> shift) & (kBins - 1)) : kNoBin);
     }
   }
@@ -404,7 +404,7 @@ __global__ void l1_fold_kernel(const double* full, const double* kept, int64_t n
     const int64_t c = c0 + lane;
     const double cf = c < n_chunks ? full[s * n_chunks + c] : 0.0;
     const double ck = c < n_chunks ? kept[s * n_chunks + c] : 0.0;
-    const int64_t here = n_chunks - c0;  // chunks of this round: 32 unless it is the last
+    const int64_t here = n_chunks - c0;  // chunks left: all 32 of this round count unless it is the last
     for (int l = 0; l < 32; ++l) {
       const double xf = __shfl_sync(0xFFFFFFFFu, cf, l), xk = __shfl_sync(0xFFFFFFFFu, ck, l);
       if (l < here) {
