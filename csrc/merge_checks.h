@@ -68,4 +68,38 @@ inline const at::Tensor& check_merge_args(const at::Tensor* base, at::TensorList
   return like;
 }
 
+// One call's arguments, parsed and checked; `like` is the tensor whose shape, dtype and device
+// the output takes.
+struct MergeCall {
+  const at::Tensor* base;  // null for linear without a base
+  at::TensorList models;
+  MergeMethod method;
+  Rescale rescale;
+  at::ArrayRef<double> weights, densities;
+  double lam;
+  bool normalize;
+  uint64_t seed, key;  // the schema's int64 bits
+  const at::Tensor* like;
+};
+
+inline MergeCall parse_merge_call(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
+                                  at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam,
+                                  bool normalize, c10::string_view rescale, int64_t seed, int64_t key,
+                                  c10::DeviceType device) {
+  const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
+  MergeCall call{b,
+                 models,
+                 parse_merge_method(std::string_view(method.data(), method.size())),
+                 parse_rescale(std::string_view(rescale.data(), rescale.size())),
+                 weights,
+                 densities,
+                 lam,
+                 normalize,
+                 static_cast<uint64_t>(seed),
+                 static_cast<uint64_t>(key),
+                 nullptr};
+  call.like = &check_merge_args(b, models, call.method, weights, densities, lam, device);
+  return call;
+}
+
 }  // namespace ntkcl_fast

@@ -314,19 +314,8 @@ void weigh(const Acc* t, Acc w, int64_t n, Acc* e) {
   for (int64_t j = 0; j < n; ++j) e[j] = t[j] * w;
 }
 
-struct Args {
-  const at::Tensor* base;
-  at::TensorList models;
-  MergeMethod method;
-  Rescale rescale;
-  at::ArrayRef<double> weights, densities;
-  double lam;
-  bool normalize;
-  uint64_t seed, key;
-};
-
 template <typename Acc>
-void run_merge(const Args& a, const at::Tensor& out) {
+void run_merge(const MergeCall& a, const at::Tensor& out) {
   const size_t n_models = a.models.size();
   const int64_t numel = out.numel();
   const cpu::ChunkPlan chunks{at::TensorList(out)};
@@ -401,21 +390,11 @@ void run_merge(const Args& a, const at::Tensor& out) {
 at::Tensor merge_tensors_cpu(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
                              at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
                              c10::string_view rescale, int64_t seed, int64_t key) {
-  const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
-  const Args a{b,
-               models,
-               parse_merge_method(std::string_view(method.data(), method.size())),
-               parse_rescale(std::string_view(rescale.data(), rescale.size())),
-               weights,
-               densities,
-               lam,
-               normalize,
-               static_cast<uint64_t>(seed),
-               static_cast<uint64_t>(key)};
-  const at::Tensor& like = check_merge_args(b, models, a.method, weights, densities, lam, c10::DeviceType::CPU);
-  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+  const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed, key,
+                                       c10::DeviceType::CPU);
+  at::Tensor out = at::empty_like(*a.like, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
-  cpu::with_acc(like.scalar_type() == at::kDouble, [&](auto acc) { run_merge<decltype(acc)>(a, out); });
+  cpu::with_acc(a.like->scalar_type() == at::kDouble, [&](auto acc) { run_merge<decltype(acc)>(a, out); });
   return out;
 }
 

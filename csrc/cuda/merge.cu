@@ -537,19 +537,8 @@ at::Tensor l1_scales(const T* base, const at::Tensor& args_dev, int64_t n_models
   return scale;
 }
 
-struct Args {
-  const at::Tensor* base;
-  at::TensorList models;
-  MergeMethod method;
-  Rescale rescale;
-  at::ArrayRef<double> weights, densities;
-  double lam;
-  bool normalize;
-  uint64_t seed, key;
-};
-
 template <typename T>
-void run_merge(const Args& a, const at::Tensor& out) {
+void run_merge(const MergeCall& a, const at::Tensor& out) {
   using Acc = AccOf<T>;
   const int64_t n = out.numel(), n_models = static_cast<int64_t>(a.models.size());
   const at::Device device = out.device();
@@ -603,22 +592,12 @@ void run_merge(const Args& a, const at::Tensor& out) {
 at::Tensor merge_tensors_cuda(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
                               at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
                               c10::string_view rescale, int64_t seed, int64_t key) {
-  const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
-  const Args a{b,
-               models,
-               parse_merge_method(std::string_view(method.data(), method.size())),
-               parse_rescale(std::string_view(rescale.data(), rescale.size())),
-               weights,
-               densities,
-               lam,
-               normalize,
-               static_cast<uint64_t>(seed),
-               static_cast<uint64_t>(key)};
-  const at::Tensor& like = check_merge_args(b, models, a.method, weights, densities, lam, c10::DeviceType::CUDA);
-  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+  const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed, key,
+                                       c10::DeviceType::CUDA);
+  at::Tensor out = at::empty_like(*a.like, at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
-  const c10::cuda::CUDAGuard guard(like.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "merge_tensors_cuda",
+  const c10::cuda::CUDAGuard guard(a.like->device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.like->scalar_type(), "merge_tensors_cuda",
                                   [&] { run_merge<scalar_t>(a, out); });
   return out;
 }
