@@ -339,6 +339,11 @@ __global__ void __launch_bounds__(kThreads) tie_count_kernel(const T* base, cons
   }
 }
 
+// Word w of u by selects: an index only known at run time would put u in local memory.
+__device__ __forceinline__ uint32_t word(const philox::U4& u, int w) {
+  return w == 0 ? u.v[0] : w == 1 ? u.v[1] : w == 2 ? u.v[2] : u.v[3];
+}
+
 // full[s, chunk], kept[s, chunk]: this chunk's ||d_s||_1 and ||kept d_s||_1 in fp64, as the CPU
 // kernel sums them: lane l of a tile adds its elements l, l + 16, ... in order, the lanes of a
 // tile are added in order, then the tiles. Elements past the tensor's end add nothing (the CPU's
@@ -361,8 +366,8 @@ __global__ void __launch_bounds__(kThreads) l1_kernel(const T* base, const Model
         if (g >= n) break;
         const Acc d = static_cast<Acc>(m[g]) - static_cast<Acc>(base[g]);
         const double ad = fabs(static_cast<double>(d));
-        const bool keep = philox::kept(philox::dare_draws(static_cast<uint64_t>(g) >> 2, a.key, seed).v[g & 3],
-                                       a.draw_threshold);
+        const philox::U4 u = philox::dare_draws(static_cast<uint64_t>(g) >> 2, a.key, seed);
+        const bool keep = philox::kept(word(u, static_cast<int>(g & 3)), a.draw_threshold);
         f = f + ad;
         k = k + (keep ? ad : 0.0);
       }
