@@ -81,4 +81,41 @@ inline void check_merge_out(const at::Tensor& like, const at::Tensor* base, at::
                    {{base ? at::TensorList(*base) : at::TensorList(), "base"}, {models, "models"}});
 }
 
+// One call's arguments, parsed and checked; `like` is the tensor whose shape, dtype and device
+// the output takes.
+struct MergeCall {
+  const at::Tensor* base;  // null for linear without a base
+  at::TensorList models;
+  MergeMethod method;
+  Rescale rescale;
+  at::ArrayRef<double> weights, densities;
+  double lam;
+  bool normalize;
+  uint64_t seed, key;  // the schema's int64 bits
+  int64_t offset;      // global flat index of element 0 (a shard's place in the whole tensor)
+  const at::Tensor* like;
+};
+
+inline MergeCall parse_merge_call(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
+                                  at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam,
+                                  bool normalize, c10::string_view rescale, int64_t seed, int64_t key,
+                                  int64_t offset, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
+  const at::Tensor* b = base.has_value() && base->defined() ? &*base : nullptr;
+  MergeCall call{b,
+                 models,
+                 parse_merge_method(std::string_view(method.data(), method.size())),
+                 parse_rescale(std::string_view(rescale.data(), rescale.size())),
+                 weights,
+                 densities,
+                 lam,
+                 normalize,
+                 static_cast<uint64_t>(seed),
+                 static_cast<uint64_t>(key),
+                 offset,
+                 nullptr};
+  call.like = &check_merge_args(b, models, call.method, weights, densities, lam, device);
+  return call;
+}
+
 }  // namespace ntkcl_fast

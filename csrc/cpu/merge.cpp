@@ -317,20 +317,8 @@ void weigh(const Acc* t, Acc w, int64_t n, Acc* e) {
   for (int64_t j = 0; j < n; ++j) e[j] = t[j] * w;
 }
 
-struct Args {
-  const at::Tensor* base;
-  at::TensorList models;
-  MergeMethod method;
-  Rescale rescale;
-  at::ArrayRef<double> weights, densities;
-  double lam;
-  bool normalize;
-  uint64_t seed, key;
-  int64_t offset;  // global flat index of element 0 (a shard's place in the whole tensor)
-};
-
 template <typename Acc>
-void run_merge(const Args& a, const at::Tensor& out) {
+void run_merge(const MergeCall& a, const at::Tensor& out) {
   const size_t n_models = a.models.size();
   const int64_t numel = out.numel();
   const cpu::ChunkPlan chunks{at::TensorList(out)};
@@ -402,24 +390,7 @@ void run_merge(const Args& a, const at::Tensor& out) {
   });
 }
 
-Args parse_args(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
-                at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
-                c10::string_view rescale, int64_t seed, int64_t key, int64_t offset) {
-  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
-  return Args{base.has_value() && base->defined() ? &*base : nullptr,
-              models,
-              parse_merge_method(std::string_view(method.data(), method.size())),
-              parse_rescale(std::string_view(rescale.data(), rescale.size())),
-              weights,
-              densities,
-              lam,
-              normalize,
-              static_cast<uint64_t>(seed),
-              static_cast<uint64_t>(key),
-              offset};
-}
-
-void run(const Args& a, const at::Tensor& out) {
+void run(const MergeCall& a, const at::Tensor& out) {
   if (out.numel() == 0) return;
   cpu::with_acc(out.scalar_type() == at::kDouble, [&](auto acc) { run_merge<decltype(acc)>(a, out); });
 }
@@ -427,9 +398,9 @@ void run(const Args& a, const at::Tensor& out) {
 at::Tensor merge_tensors_cpu(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
                              at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
                              c10::string_view rescale, int64_t seed, int64_t key, int64_t offset) {
-  const Args a = parse_args(base, models, method, weights, densities, lam, normalize, rescale, seed, key, offset);
-  const at::Tensor& like = check_merge_args(a.base, models, a.method, weights, densities, lam, c10::DeviceType::CPU);
-  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+  const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed, key,
+                                       offset, c10::DeviceType::CPU);
+  at::Tensor out = at::empty_like(*a.like, at::MemoryFormat::Contiguous);
   run(a, out);
   return out;
 }
@@ -438,9 +409,9 @@ void merge_tensors_into_cpu(const at::Tensor& out, const std::optional<at::Tenso
                             c10::string_view method, at::ArrayRef<double> weights, at::ArrayRef<double> densities,
                             double lam, bool normalize, c10::string_view rescale, int64_t seed, int64_t key,
                             int64_t offset) {
-  const Args a = parse_args(base, models, method, weights, densities, lam, normalize, rescale, seed, key, offset);
-  const at::Tensor& like = check_merge_args(a.base, models, a.method, weights, densities, lam, c10::DeviceType::CPU);
-  check_merge_out(like, a.base, models, out);
+  const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed, key,
+                                       offset, c10::DeviceType::CPU);
+  check_merge_out(*a.like, a.base, models, out);
   run(a, out);
 }
 
