@@ -118,4 +118,28 @@ inline MergeCall parse_merge_call(const std::optional<at::Tensor>& base, at::Ten
   return call;
 }
 
+// A backend's two ops from its run(call, out), so the schema's argument list is written once:
+// merge_tensors (a new output) and merge_tensors_into_ (into a checked `out`).
+template <c10::DeviceType kDevice, void (*kRun)(const MergeCall&, const at::Tensor&)>
+struct MergeOps {
+  static at::Tensor fresh(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
+                          at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
+                          c10::string_view rescale, int64_t seed, int64_t key, int64_t offset) {
+    const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed,
+                                         key, offset, kDevice);
+    at::Tensor out = at::empty_like(*a.like, at::MemoryFormat::Contiguous);
+    if (out.numel() > 0) kRun(a, out);
+    return out;
+  }
+
+  static void into(const at::Tensor& out, const std::optional<at::Tensor>& base, at::TensorList models,
+                   c10::string_view method, at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam,
+                   bool normalize, c10::string_view rescale, int64_t seed, int64_t key, int64_t offset) {
+    const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed,
+                                         key, offset, kDevice);
+    check_merge_out(*a.like, a.base, models, out);
+    if (out.numel() > 0) kRun(a, out);
+  }
+};
+
 }  // namespace ntkcl_fast

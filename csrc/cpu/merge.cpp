@@ -391,35 +391,16 @@ void run_merge(const MergeCall& a, const at::Tensor& out) {
 }
 
 void run(const MergeCall& a, const at::Tensor& out) {
-  if (out.numel() == 0) return;
   cpu::with_acc(out.scalar_type() == at::kDouble, [&](auto acc) { run_merge<decltype(acc)>(a, out); });
 }
 
-at::Tensor merge_tensors_cpu(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
-                             at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
-                             c10::string_view rescale, int64_t seed, int64_t key, int64_t offset) {
-  const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed, key,
-                                       offset, c10::DeviceType::CPU);
-  at::Tensor out = at::empty_like(*a.like, at::MemoryFormat::Contiguous);
-  run(a, out);
-  return out;
-}
-
-void merge_tensors_into_cpu(const at::Tensor& out, const std::optional<at::Tensor>& base, at::TensorList models,
-                            c10::string_view method, at::ArrayRef<double> weights, at::ArrayRef<double> densities,
-                            double lam, bool normalize, c10::string_view rescale, int64_t seed, int64_t key,
-                            int64_t offset) {
-  const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed, key,
-                                       offset, c10::DeviceType::CPU);
-  check_merge_out(*a.like, a.base, models, out);
-  run(a, out);
-}
+using CpuOps = MergeOps<c10::DeviceType::CPU, run>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ntkcl_fast, CPU, m) {
-  m.impl("merge_tensors", &merge_tensors_cpu);
-  m.impl("merge_tensors_into_", &merge_tensors_into_cpu);
+  m.impl("merge_tensors", &CpuOps::fresh);
+  m.impl("merge_tensors_into_", &CpuOps::into);
 }
 
 }  // namespace ntkcl_fast

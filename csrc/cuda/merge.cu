@@ -615,37 +615,18 @@ void run_merge(const MergeCall& a, const at::Tensor& out) {
 }
 
 void run(const MergeCall& a, const at::Tensor& out) {
-  if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "merge_tensors_cuda",
                                   [&] { run_merge<scalar_t>(a, out); });
 }
 
-at::Tensor merge_tensors_cuda(const std::optional<at::Tensor>& base, at::TensorList models, c10::string_view method,
-                              at::ArrayRef<double> weights, at::ArrayRef<double> densities, double lam, bool normalize,
-                              c10::string_view rescale, int64_t seed, int64_t key, int64_t offset) {
-  const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed, key,
-                                       offset, c10::DeviceType::CUDA);
-  at::Tensor out = at::empty_like(*a.like, at::MemoryFormat::Contiguous);
-  run(a, out);
-  return out;
-}
-
-void merge_tensors_into_cuda(const at::Tensor& out, const std::optional<at::Tensor>& base, at::TensorList models,
-                             c10::string_view method, at::ArrayRef<double> weights, at::ArrayRef<double> densities,
-                             double lam, bool normalize, c10::string_view rescale, int64_t seed, int64_t key,
-                             int64_t offset) {
-  const MergeCall a = parse_merge_call(base, models, method, weights, densities, lam, normalize, rescale, seed, key,
-                                       offset, c10::DeviceType::CUDA);
-  check_merge_out(*a.like, a.base, models, out);
-  run(a, out);
-}
+using CudaOps = MergeOps<c10::DeviceType::CUDA, run>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ntkcl_fast, CUDA, m) {
-  m.impl("merge_tensors", &merge_tensors_cuda);
-  m.impl("merge_tensors_into_", &merge_tensors_into_cuda);
+  m.impl("merge_tensors", &CudaOps::fresh);
+  m.impl("merge_tensors_into_", &CudaOps::into);
 }
 
 }  // namespace ntkcl_fast
