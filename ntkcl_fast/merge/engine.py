@@ -109,8 +109,11 @@ class OutputBuffers:
         """(buffer, a view of it with entry's dtype and shape)."""
         with self._lock:
             fits = [b for b in self._free if b.numel() >= entry.nbytes]
-            buf = min(fits, key=torch.Tensor.numel) if fits else None
-            self._free = [b for b in self._free if b is not buf and (fits or b.numel() > entry.nbytes)]
+            if fits:
+                buf = min(fits, key=torch.Tensor.numel)
+                self._free = [b for b in self._free if b is not buf]
+            else:  # every free one is too small
+                buf, self._free = None, []
         if buf is None:
             buf = torch.empty(entry.nbytes, dtype=torch.uint8)
         return buf, buf[:entry.nbytes].view(entry.dtype).view(entry.shape)
