@@ -150,9 +150,11 @@ def read_tensor(entry: TensorEntry, *, pin: bool = False) -> torch.Tensor:
 
 
 def _populate(m: mmap.mmap) -> None:
+    if not hasattr(m, "madvise"):  # Windows: the merge faults the pages in itself
+        return
     try:
         m.madvise(MADV_POPULATE_READ)
-    except OSError:  # an older kernel: ask for readahead instead
+    except OSError:  # an older kernel, or not Linux: ask for readahead instead
         m.madvise(mmap.MADV_WILLNEED)
 
 
@@ -249,11 +251,13 @@ class ShardWriter:
         if self._file is not None:
             self._close_file()
             self._shard += 1
-        self._file = open(self._directory / self._names[self._shard], "wb", buffering=0)
+        # buffered: a raw write() may write less than asked (Linux caps one at ~2 GB), the buffered one loops
+        self._file = open(self._directory / self._names[self._shard], "wb")
         self._file.write(header_bytes(self._shards[self._shard]))
         self._pos = 0
 
     def _close_file(self) -> None:
+        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
 
