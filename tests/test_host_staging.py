@@ -4,6 +4,8 @@ to the whole update bit for bit. On the CPU the copies are synchronous; the CUDA
 buffers, side stream) runs where a GPU is present."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ def test_update_over_chunks_equals_the_whole(chunk_bytes):
 def test_model_ema_in_host_memory_of_a_cuda_model_equals_the_cpu_one():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(33, 65), torch.nn.LayerNorm(65), torch.nn.Linear(65, 7))
-    cuda_model = torch.nn.Sequential(*[m for m in __import__("copy").deepcopy(model)]).cuda()
+    cuda_model = copy.deepcopy(model).cuda()
     ref = ntkcl_fast.ModelEMA(model, decay=0.9)
     ema = ntkcl_fast.ModelEMA(cuda_model, decay=0.9, device="cpu")
     ema.__dict__["_staging"] = HostStaging(1024)  # several chunks, tensors split across them
