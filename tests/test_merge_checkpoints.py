@@ -345,8 +345,11 @@ def test_cli_merges_and_reports_one_line_errors(ckpts, tmp_path):
     assert again.returncode != 0 and "not empty" in again.stderr
 
 
+# Ctrl-C's handler as in a foreground process: a test run as a background job (`cmd &` in a
+# script) inherits SIGINT ignored, and Python then keeps it ignored
 SLOW_MERGE = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import ntkcl_fast.merge.engine as engine
 real = engine.merge_tensors
 def slow(*args, **kwargs):
