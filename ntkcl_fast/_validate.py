@@ -56,7 +56,8 @@ def unit_interval(value: float, name: str) -> float:
     return value
 
 
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+def byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The byte addresses [start, end) that t's elements occupy (any strides)."""
     start = end = t.data_ptr()
     size = t.element_size()
     for n, s in zip(t.shape, t.stride()):
@@ -130,7 +131,7 @@ def no_overlap_labeled(written, read) -> None:
                         lo = t.data_ptr()
                         spans.append((lo, lo + nbytes, is_written, entry, k))
                     else:
-                        spans.append((*_byte_range(t), is_written, entry, k))
+                        spans.append((*byte_range(t), is_written, entry, k))
     spans.sort(key=_start)
 
     def label(entry, k):

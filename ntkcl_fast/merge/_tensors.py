@@ -125,20 +125,11 @@ def _check_out(out, like: torch.Tensor, inputs: list[torch.Tensor]) -> None:
                          f"got {tuple(out.shape)} {out.dtype} {out.device}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    lo, hi = _span(out)
+    lo, hi = _validate.byte_range(out)
     for t in inputs:  # a written tile could be read back by a later one, or by a statistics pass
-        t_lo, t_hi = _span(t)
+        t_lo, t_hi = _validate.byte_range(t)
         if t.numel() and out.numel() and t_lo < hi and lo < t_hi:
             raise ValueError("out must not share memory with base or models")
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The byte addresses [lo, hi) that t's elements occupy (any strides)."""
-    lo = hi = t.data_ptr()
-    for size, stride in zip(t.shape, t.stride()):
-        extent = (size - 1) * stride * t.element_size()
-        lo, hi = (lo + extent, hi) if extent < 0 else (lo, hi + extent)
-    return lo, hi + t.element_size()
 
 
 def merge_tensors(base, models, *, method: str, weight=1.0, density=1.0, lam: float = 1.0, normalize=None,
